@@ -1,0 +1,96 @@
+"""Every config field, with its default (METHOD.md's recipe); recipe files in configs/ override these.
+
+One schema for all recipes, so a typo in a recipe or on the command line is caught by the locked
+ConfigDict and reported with the nearest valid field name.
+"""
+
+from __future__ import annotations
+
+import difflib
+
+import ml_collections as mc
+
+
+def base_config() -> mc.ConfigDict:
+    from dmt_jax import data  # the data fields live beside the pipelines that read them
+
+    c = mc.ConfigDict()
+    c.seed = 0
+    c.img_size = 224
+
+    # Student (METHOD.md 5): fixed sin-cos position embeddings by default, as in MAE.
+    c.student = mc.ConfigDict(
+        dict(variant="S/16", pos_embed="sincos", drop_path=0.0, num_reg_tokens=0, layerscale_init=-1.0)
+    )
+    # Teachers (METHOD.md 2): converted teacher directories (`dmt-convert`), or 'random:VARIANT@PX:SEED'
+    # for small in-process teachers with random weights (demo, benchmarks, tests).
+    c.teachers = ("",)
+    c.teacher_weights = ()  # empty: equal weights summing to 1
+    c.teacher_dtype = "bfloat16"
+
+    # Objective (METHOD.md 3-7).
+    c.mask_ratio = 0.75
+    c.head = "ln_linear"  # linear | ln_linear | mlp
+    c.head_mlp_ratio = 4.0
+    c.loss = "smooth_l1"  # smooth_l1 | mse | cosine
+    c.smooth_l1_beta = 1.0
+    c.cls_weight = -1.0  # < 0: CLS is one token among the others; else loss = w * CLS + (1 - w) * patches
+    c.target_norm_eps = 1e-6
+
+    # Optimization (METHOD.md 8).
+    c.batch_size = 4096  # global
+    c.epochs = 300.0
+    c.total_steps = -1  # > 0 overrides epochs
+    c.warmup_epochs = 20.0
+    c.warmup_steps = -1  # >= 0 overrides warmup_epochs
+    c.base_lr = 1.5e-4  # lr = base_lr * batch_size / 256
+    c.min_lr = 0.0
+    c.b1 = 0.9
+    c.b2 = 0.95
+    c.weight_decay = 0.05
+    c.grad_clip = -1.0  # > 0: clip by global norm
+    c.dtype = "bfloat16"  # matmuls; parameters are float32
+    c.attention = "auto"  # auto | xla | cudnn
+    c.remat = False
+    c.nonfinite = "stop"  # a non-finite loss never updates the params; then: stop | skip (go on)
+
+    # Scale (parallel.py): mesh axes (data, fsdp); -1 takes the remaining devices.
+    c.mesh = mc.ConfigDict(dict(data=-1, fsdp=1))
+    c.fsdp_min_size = 2**18  # parameters smaller than this stay replicated under fsdp
+    c.distributed = mc.ConfigDict(dict(coordinator_address="", num_processes=-1, process_id=-1, auto=True))
+
+    # Input.
+    c.data = data.default_config()
+
+    # Checkpoints, logs, evaluation.
+    c.checkpoint_every = 1000
+    c.keep_checkpoints = 3
+    c.log_every = 50
+    c.eval_every = 5000  # <= 0: only before and after training
+    c.knn_k = 20
+    c.knn_temperature = 0.07
+    c.eval_batch_size = 256
+    c.log_example_ids = False  # write workdir/example_ids.jsonl (tests of exact resume)
+    c.export_at_end = True  # the student as a timm state dict (safetensors)
+    c.profile_steps = ()  # e.g. (100, 110): a jax profiler trace over those steps
+    return c
+
+
+def lock(config: mc.ConfigDict) -> mc.ConfigDict:
+    config.lock()
+    return config
+
+
+def unknown_field_message(config: mc.ConfigDict, dotted: str) -> str:
+    """'config field X does not exist; did you mean Y?' for a dotted name."""
+    node, parts = config, dotted.split(".")
+    for i, part in enumerate(parts):
+        if isinstance(node, mc.ConfigDict) and part in node:
+            node = node[part]
+            continue
+        prefix = ".".join(parts[:i])
+        options = list(node.keys()) if isinstance(node, mc.ConfigDict) else []
+        near = difflib.get_close_matches(part, options, n=1)
+        hint = f"; did you mean {'.'.join(filter(None, [prefix, near[0]]))!r}?" if near else ""
+        return f"config field {dotted!r} does not exist{hint}"
+    return ""

@@ -1,0 +1,255 @@
+"""ViT encoder (Flax linen) whose numerics equal timm's VisionTransformer.forward_features.
+
+Parameter names follow timm (patch_embed/proj, cls_token, reg_token, pos_embed, blocks_{i}/norm1,
+attn/qkv, attn/proj, ls1/gamma, norm2, mlp/fc1, mlp/fc2, norm) so conversion and export are a
+name table (dmt_jax/formats.py). Variants are strings in big_vision's style: "Ti/16", "S/16",
+"B/14", ..., built by `ViT.from_variant`.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# name -> (width, depth, num_heads, mlp_dim); "mu" is a test-sized model for mechanics.
+VARIANTS: dict[str, tuple[int, int, int, int]] = {
+    "mu": (64, 2, 2, 256),
+    "Ti": (192, 12, 3, 768),
+    "S": (384, 12, 6, 1536),
+    "M": (512, 12, 8, 2048),
+    "B": (768, 12, 12, 3072),
+    "L": (1024, 24, 16, 4096),
+    "H": (1280, 32, 16, 5120),
+}
+
+LN_EPS = 1e-6  # timm / the official SSL repos
+# torch's LayerNorm subtracts the mean before squaring; Flax's default E[x^2] - E[x]^2 loses precision on
+# tokens with a large mean (DINOv2's high-norm tokens), so use the two-pass variance as torch does.
+LayerNorm = functools.partial(nn.LayerNorm, epsilon=LN_EPS, use_fast_variance=False)
+
+
+def parse_variant(variant: str) -> dict[str, int]:
+    """'S/16' -> dict(width=384, depth=12, num_heads=6, mlp_dim=1536, patch_size=16)."""
+    name, _, patch = variant.partition("/")
+    if name not in VARIANTS or not patch.isdigit():
+        raise ValueError(
+            f"unknown ViT variant {variant!r}: use NAME/PATCH with NAME in {sorted(VARIANTS)}, e.g. 'S/16'"
+        )
+    width, depth, num_heads, mlp_dim = VARIANTS[name]
+    return dict(width=width, depth=depth, num_heads=num_heads, mlp_dim=mlp_dim, patch_size=int(patch))
+
+
+def sincos_pos_embed_2d(width: int, grid: int, num_prefix: int = 1) -> np.ndarray:
+    """MAE's fixed 2-D sin-cos table [1, num_prefix + grid*grid, width]; prefix rows are zeros."""
+    assert width % 4 == 0, "sin-cos position embeddings need width divisible by 4"
+    omega = 1.0 / 10000 ** (np.arange(width // 4, dtype=np.float64) / (width / 4.0))
+    gw, gh = np.meshgrid(np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64))
+
+    def embed_1d(pos):
+        out = np.einsum("m,d->md", pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    # MAE puts the w-coordinate first (its meshgrid is (w, h)).
+    table = np.concatenate([embed_1d(gw), embed_1d(gh)], axis=1)
+    table = np.concatenate([np.zeros((num_prefix, width)), table], axis=0)
+    return table[None].astype(np.float32)
+
+
+def attention_implementation(requested: str, dtype: Any) -> str | None:
+    """'auto' picks cuDNN flash attention on GPU for 16-bit inputs, XLA elsewhere."""
+    if requested == "auto":
+        low_precision = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+        return "cudnn" if jax.default_backend() == "gpu" and low_precision else "xla"
+    if requested not in ("xla", "cudnn"):
+        raise ValueError(f"attention must be 'auto', 'xla' or 'cudnn', got {requested!r}")
+    return requested
+
+
+dense_init = nn.initializers.xavier_uniform()  # MAE's init for Linear layers
+# MAE initializes the patch projection as a Linear on the flattened patch.
+patch_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=(0, 1, 2), out_axis=3)
+
+
+class PatchEmbed(nn.Module):
+    width: int
+    patch_size: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, images):
+        p = (self.patch_size, self.patch_size)
+        conv = nn.Conv(
+            self.width, p, strides=p, padding="VALID", dtype=self.dtype, kernel_init=patch_init, name="proj"
+        )
+        return conv(images)
+
+
+class Attention(nn.Module):
+    num_heads: int
+    dtype: Any = jnp.float32
+    implementation: str = "auto"
+
+    @nn.compact
+    def __call__(self, x):
+        b, t, d = x.shape
+        dense = functools.partial(nn.Dense, dtype=self.dtype, kernel_init=dense_init)
+        # Fused qkv: output columns are [q; k; v], each head-major, as in timm.
+        qkv = dense(3 * d, name="qkv")(x).reshape(b, t, 3, self.num_heads, d // self.num_heads)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        impl = attention_implementation(self.implementation, q.dtype)
+        try:
+            out = jax.nn.dot_product_attention(q, k, v, implementation=impl)
+        except (ValueError, NotImplementedError, RuntimeError):
+            if self.implementation != "auto":
+                raise
+            out = jax.nn.dot_product_attention(q, k, v, implementation="xla")  # cuDNN refused this shape
+        return dense(d, name="proj")(out.reshape(b, t, d))
+
+
+class Mlp(nn.Module):
+    hidden: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        d = x.shape[-1]
+        x = nn.Dense(self.hidden, dtype=self.dtype, kernel_init=dense_init, name="fc1")(x)
+        x = nn.gelu(x, approximate=False)  # timm uses exact (erf) GELU
+        return nn.Dense(d, dtype=self.dtype, kernel_init=dense_init, name="fc2")(x)
+
+
+class LayerScale(nn.Module):
+    init_value: float
+
+    @nn.compact
+    def __call__(self, x):
+        gamma = self.param("gamma", nn.initializers.constant(self.init_value), (x.shape[-1],))
+        return x * gamma.astype(x.dtype)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drops the whole residual branch per example."""
+
+    rate: float
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool):
+        if deterministic or self.rate == 0.0:
+            return x
+        keep = 1.0 - self.rate
+        mask = jax.random.bernoulli(self.make_rng("dropout"), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+        return jnp.where(mask, x / keep, 0).astype(x.dtype)
+
+
+class Block(nn.Module):
+    num_heads: int
+    mlp_dim: int
+    layerscale_init: float | None = None
+    drop_path: float = 0.0
+    dtype: Any = jnp.float32
+    attention: str = "auto"
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool = True):
+        norm = functools.partial(LayerNorm, dtype=self.dtype)
+
+        def scaled(name, y):
+            return LayerScale(self.layerscale_init, name=name)(y) if self.layerscale_init is not None else y
+
+        y = Attention(self.num_heads, self.dtype, self.attention, name="attn")(norm(name="norm1")(x))
+        x = x + DropPath(self.drop_path)(scaled("ls1", y), deterministic)
+        y = Mlp(self.mlp_dim, self.dtype, name="mlp")(norm(name="norm2")(x))
+        return x + DropPath(self.drop_path)(scaled("ls2", y), deterministic)
+
+
+class ViT(nn.Module):
+    """ViT encoder. `__call__(images, keep)` returns the final-norm tokens [B, 1 + R + n, D].
+
+    images: normalized NHWC float images. keep: optional int [B, n] indices of the patches to
+    encode (after position embeddings are added), for the masked student. Token order is
+    [CLS, registers, patches], as in the checkpoints.
+    """
+
+    width: int
+    depth: int
+    num_heads: int
+    mlp_dim: int
+    patch_size: int = 16
+    img_size: int = 224  # sets the position-embedding grid
+    num_reg_tokens: int = 0
+    no_embed_class: bool = False  # True: prefix tokens get no position embedding (timm's DINOv2-reg)
+    layerscale_init: float | None = None
+    pos_embed: str = "learned"  # 'learned' or 'sincos' (initialized to MAE's fixed table)
+    drop_path: float = 0.0
+    dtype: Any = jnp.float32  # matmul / activation dtype; parameters stay float32
+    attention: str = "auto"
+    remat: bool = False
+
+    @classmethod
+    def from_variant(cls, variant: str, **kwargs) -> ViT:
+        return cls(**{**parse_variant(variant), **kwargs})
+
+    @property
+    def grid(self) -> int:
+        return self.img_size // self.patch_size
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return 1 + self.num_reg_tokens
+
+    @nn.compact
+    def __call__(self, images, keep=None, *, train: bool = False, return_layers: Sequence[int] = ()):
+        b = images.shape[0]
+        x = PatchEmbed(self.width, self.patch_size, self.dtype, name="patch_embed")(images)
+        gh, gw = x.shape[1], x.shape[2]
+        if (gh, gw) != (self.grid, self.grid):
+            raise ValueError(
+                f"images of {images.shape[1]}x{images.shape[2]} px give a {gh}x{gw} patch grid, but this "
+                f"ViT's position embeddings are for {self.grid}x{self.grid} (img_size={self.img_size}); feed "
+                f"{self.img_size}px images or convert the checkpoint with --img-size"
+            )
+        x = x.reshape(b, gh * gw, self.width)
+
+        n_pos_prefix = 0 if self.no_embed_class else self.num_prefix_tokens
+        if self.pos_embed == "sincos":
+            pos_init = lambda *_: jnp.asarray(sincos_pos_embed_2d(self.width, self.grid, n_pos_prefix))
+        elif self.pos_embed == "learned":
+            pos_init = nn.initializers.truncated_normal(0.02)
+        else:
+            raise ValueError(f"pos_embed must be 'learned' or 'sincos', got {self.pos_embed!r}")
+        pos = self.param("pos_embed", pos_init, (1, n_pos_prefix + gh * gw, self.width))
+        prefix = [self.param("cls_token", nn.initializers.normal(1e-6), (1, 1, self.width))]
+        if self.num_reg_tokens:
+            prefix.append(
+                self.param("reg_token", nn.initializers.normal(1e-6), (1, self.num_reg_tokens, self.width))
+            )
+        prefix = jnp.concatenate(prefix, axis=1)
+        prefix = prefix + pos[:, :n_pos_prefix] if n_pos_prefix else prefix
+        x = x + pos[:, n_pos_prefix:].astype(x.dtype)
+
+        if keep is not None:
+            x = jnp.take_along_axis(x, keep[:, :, None], axis=1)
+        x = jnp.concatenate([jnp.broadcast_to(prefix, (b,) + prefix.shape[1:]).astype(x.dtype), x], axis=1)
+
+        block_cls = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
+        layers = []
+        for i in range(self.depth):
+            x = block_cls(
+                self.num_heads,
+                self.mlp_dim,
+                self.layerscale_init,
+                self.drop_path * i / max(self.depth - 1, 1),  # linear drop-path decay, as timm
+                self.dtype,
+                self.attention,
+                name=f"blocks_{i}",
+            )(x, not train)
+            if i in return_layers:
+                layers.append(x)
+        x = LayerNorm(dtype=self.dtype, name="norm")(x)
+        return (x, layers) if return_layers else x

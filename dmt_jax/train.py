@@ -1,0 +1,241 @@
+"""Train state, sharded initialization and the jitted distillation step (METHOD.md 5-8).
+
+`build(config, mesh)` gives everything a loop or a benchmark needs: the student, the teacher stack,
+the optimizer, a jitted `step(state, teacher_params, batch) -> (state, metrics)` with explicit
+shardings and a donated state, and `init_state(rng)` that creates the state directly in its
+sharded layout. The loop itself is in loop.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from dmt_jax import flops, objective, parallel
+from dmt_jax.models.vit import ViT, parse_variant
+from dmt_jax.teachers import TeacherStack, load_teacher, make_random_teacher
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any  # {'encoder': ..., 'heads': ...}
+    opt_state: Any
+    rng: jax.Array  # raw uint32 key data, so checkpoints hold a plain array
+
+
+def build_teachers(entries, img_size: int, student_patch: int) -> list:
+    """Teacher entries (converted directories, or 'random:VARIANT@PX:SEED') -> Teachers.
+
+    Each teacher must produce the student's patch grid; a /14 teacher is converted for 196 px
+    (`dmt-convert --img-size 196`) when the student is /16 at 224 px.
+    """
+    entries = [e for e in entries if e]
+    if not entries:
+        raise ValueError("no teachers configured: set --config.teachers to converted teacher directories")
+    grid = img_size // student_patch
+    teachers = []
+    for entry in entries:
+        if entry.startswith("random:"):
+            m = re.fullmatch(r"random:([^@]+)@(\d+):(\d+)", entry)
+            if not m:
+                raise ValueError(f"teacher entry {entry!r}: random teachers are written 'random:VARIANT@PX:SEED'")
+            teacher = make_random_teacher(m.group(1), int(m.group(2)), int(m.group(3)))
+        else:
+            if not os.path.isdir(entry):
+                raise FileNotFoundError(
+                    f"teacher {entry!r} does not exist: convert the official checkpoint first, "
+                    f"e.g. `dmt-convert mae_pretrain_vit_base.pth {entry}` (see README, Teachers)"
+                )
+            teacher = load_teacher(entry)
+        t_grid = teacher.spec.img_size // teacher.spec.patch_size
+        if t_grid != grid:
+            px = grid * teacher.spec.patch_size
+            raise ValueError(
+                f"teacher {entry!r} has a {t_grid}x{t_grid} patch grid but the student has {grid}x{grid}: "
+                f"re-convert it with `dmt-convert SRC OUT --img-size {px}`"
+            )
+        teachers.append(teacher)
+    return teachers
+
+
+def build_student(config, head_widths) -> objective.Student:
+    dtype = jnp.dtype(config.dtype)
+    s = config.student
+    encoder = ViT(
+        **parse_variant(s.variant),
+        img_size=config.img_size,
+        num_reg_tokens=s.num_reg_tokens,
+        layerscale_init=s.layerscale_init if s.layerscale_init > 0 else None,
+        pos_embed=s.pos_embed,
+        drop_path=s.drop_path,
+        dtype=dtype,
+        attention=config.attention,
+        remat=config.remat,
+    )
+    heads = objective.Heads(tuple(head_widths), config.head, config.head_mlp_ratio, dtype)
+    return objective.Student(encoder, heads)
+
+
+def total_steps(config, num_train_examples: int | None) -> int:
+    if config.total_steps > 0:
+        return int(config.total_steps)
+    if not num_train_examples:
+        raise ValueError("set --config.total_steps: the training set size is unknown")
+    return int(math.ceil(config.epochs * num_train_examples / config.batch_size))
+
+
+def make_optimizer(config, steps: int, steps_per_epoch: float):
+    """AdamW, lr = base_lr * batch / 256, linear warmup then cosine; no decay on 1-D tensors, pos/CLS/regs."""
+    peak = config.base_lr * config.batch_size / 256
+    warmup = config.warmup_steps if config.warmup_steps >= 0 else int(round(config.warmup_epochs * steps_per_epoch))
+    warmup = min(warmup, steps - 1)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, peak, max(warmup, 0), max(steps, 1), config.min_lr)
+
+    def decay_mask(params):
+        flat = flax.traverse_util.flatten_dict(params)
+        no_decay = ("pos_embed", "cls_token", "reg_token")
+        # getattr: inside multi_transform the frozen leaves arrive as optax MaskedNodes
+        return flax.traverse_util.unflatten_dict(
+            {k: getattr(v, "ndim", 0) >= 2 and k[-1] not in no_decay for k, v in flat.items()}
+        )
+
+    adamw = optax.adamw(schedule, b1=config.b1, b2=config.b2, weight_decay=config.weight_decay, mask=decay_mask)
+    if config.grad_clip > 0:
+        adamw = optax.chain(optax.clip_by_global_norm(config.grad_clip), adamw)
+    if config.student.pos_embed == "sincos":  # fixed table: never updated
+
+        def labels(params):
+            flat = flax.traverse_util.flatten_dict(params)
+            return flax.traverse_util.unflatten_dict(
+                {k: "frozen" if k[-1] == "pos_embed" else "train" for k in flat}
+            )
+
+        return optax.multi_transform({"train": adamw, "frozen": optax.set_to_zero()}, labels), schedule
+    return adamw, schedule
+
+
+@dataclasses.dataclass
+class Setup:
+    """What the loop and the benchmarks need, built once from a config on a mesh."""
+
+    config: Any
+    mesh: Any
+    student: objective.Student
+    stack: TeacherStack
+    tx: Any
+    schedule: Any
+    steps: int
+    init_state: Any  # rng -> sharded TrainState
+    step: Any  # jitted (state, teacher_params, batch) -> (state, metrics)
+    state_shardings: Any
+    abstract_state: Any  # ShapeDtypeStructs with the mesh's shardings (checkpoint restore target)
+    teacher_params: Any  # placed on the mesh
+
+    @property
+    def num_patches(self) -> int:
+        return (self.config.img_size // self.student.encoder.patch_size) ** 2
+
+    def flops_per_image(self) -> float:
+        """Model FLOPs of one step per image (the count bench/torch_reference.py uses)."""
+        enc = self.student.encoder
+        student = dict(width=enc.width, depth=enc.depth, patch_size=enc.patch_size, mlp_dim=enc.mlp_dim)
+        teachers = [
+            dict(width=t.spec.width, depth=t.spec.depth, patch_size=t.spec.patch_size, mlp_dim=t.spec.mlp_dim,
+                 tokens=t.spec.num_tokens)  # fmt: skip
+            for t in self.stack.teachers
+        ]
+        visible = objective.num_visible(self.num_patches, self.config.mask_ratio)
+        return flops.step_flops(student, teachers, visible, self.stack.widths, enc.width)
+
+
+def build(config, mesh, num_train_examples: int | None = None, teachers=None) -> Setup:
+    student_patch = parse_variant(config.student.variant)["patch_size"]
+    if teachers is None:
+        teachers = build_teachers(config.teachers, config.img_size, student_patch)
+    stack = TeacherStack(teachers, dtype=jnp.dtype(config.teacher_dtype), attention=config.attention)
+    student = build_student(config, stack.widths)
+    steps = total_steps(config, num_train_examples)
+    steps_per_epoch = num_train_examples / config.batch_size if num_train_examples else 1.0
+    tx, schedule = make_optimizer(config, steps, steps_per_epoch)
+    weights = objective.teacher_weights(tuple(config.teacher_weights), len(teachers))
+    num_patches = (config.img_size // student_patch) ** 2
+    if config.nonfinite not in ("stop", "skip"):
+        raise ValueError(f"nonfinite must be 'stop' or 'skip', got {config.nonfinite!r}")
+
+    def init_fn(rng):
+        r_params, r_state = jax.random.split(rng)
+        images = jnp.zeros((1, config.img_size, config.img_size, 3), jnp.float32)
+        keep = objective.keep_indices(r_params, 1, num_patches, config.mask_ratio)
+        params = student.init(r_params, images, keep)["params"]
+        return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), r_state)
+
+    abstract = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
+    state_shardings = parallel.tree_shardings(abstract, mesh, config.fsdp_min_size)
+    init_state = jax.jit(init_fn, out_shardings=state_shardings)
+    abstract_state = jax.tree.map(
+        lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract, state_shardings
+    )
+
+    def step_fn(state: TrainState, teacher_params, batch):
+        rng = jax.random.fold_in(state.rng, state.step)
+        r_mask, r_drop = jax.random.split(rng)
+        pixels = batch["image"]
+        keep = objective.keep_indices(r_mask, pixels.shape[0], num_patches, config.mask_ratio)
+        tokens = stack.apply(teacher_params, pixels)
+        targets = objective.teacher_targets(tokens, stack.num_reg_tokens, keep, config.target_norm_eps)
+        images = objective.normalize_pixels(
+            pixels, objective.IMAGENET_MEAN, objective.IMAGENET_STD, jnp.dtype(config.dtype)
+        )
+
+        def loss_fn(params):
+            preds = student.apply({"params": params}, images, keep, train=True, rngs={"dropout": r_drop})
+            return objective.distill_loss(
+                preds,
+                targets,
+                stack.widths,
+                weights,
+                kind=config.loss,
+                beta=config.smooth_l1_beta,
+                cls_weight=config.cls_weight,
+            )
+
+        (loss, per_teacher), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        # A non-finite step never touches the parameters or the moments; the loop then stops or goes on.
+        keep_new = lambda new, old: jnp.where(finite, new, old)
+        params = jax.tree.map(keep_new, params, state.params)
+        opt_state = jax.tree.map(keep_new, opt_state, state.opt_state)
+        metrics = {
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "lr": schedule(state.step),
+            "nonfinite": 1 - finite.astype(jnp.int32),
+            **{f"loss_teacher_{k}": v for k, v in enumerate(per_teacher)},
+        }
+        return TrainState(state.step + 1, params, opt_state, state.rng), metrics
+
+    teacher_shardings = parallel.tree_shardings(stack.params, mesh, config.fsdp_min_size, skip_leading=1)
+    teacher_params = jax.device_put(stack.params, teacher_shardings)
+    batch_shardings = {"image": parallel.batch_sharding(mesh)}
+    step = jax.jit(
+        step_fn,
+        in_shardings=(state_shardings, teacher_shardings, batch_shardings),
+        out_shardings=(state_shardings, parallel.replicated(mesh)),
+        donate_argnums=(0,),
+    )
+    return Setup(
+        config, mesh, student, stack, tx, schedule, steps, init_state, step, state_shardings, abstract_state,
+        teacher_params,
+    )
