@@ -15,7 +15,7 @@ def get_config():
     c = base_config()
     c.img_size = 32
     c.student.variant = "mu/4"
-    c.teachers = ("random:mu/4@32:1", "random:mu/4@32:2", "random:mu/8@64:3")
+    c.teachers = ("demo:mu/4@32:1", "demo:mu/4@32:2", "demo:mu/8@64:3")
     c.teacher_dtype = "float32"
     c.dtype = "float32"
     c.batch_size = 64

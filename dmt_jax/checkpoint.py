@@ -28,13 +28,14 @@ class Checkpointer:
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
-    def save(self, step: int, state, data_state: dict[str, int]) -> bool:
+    def save(self, step: int, state, input_state: dict[str, int]) -> bool:
         """Every process calls this. Returns False (and says why) when the save failed."""
         # Each process has its own input position; all of them go into the one JSON item.
-        local = np.asarray([data_state["next_index"], data_state["bad_images"]], np.int64)
+        local = np.asarray([input_state["next_index"], input_state["bad_images"]], np.int64)
         gathered = np.asarray(multihost_utils.process_allgather(local)).reshape(-1, 2)
         data = {
             "process_count": jax.process_count(),
+            "global_batch": int(input_state["global_batch"]),
             "next_index": [int(x) for x in gathered[:, 0]],
             "bad_images": [int(x) for x in gathered[:, 1]],
         }
@@ -69,14 +70,18 @@ class Checkpointer:
         self.manager.close()
 
 
-def input_position(data: dict | None, step: int, local_batch: int) -> tuple[int, int]:
-    """(next_index, bad_images) for this process from a checkpoint's data item.
+def saved_input_state(data: dict | None) -> dict | None:
+    """This process's input state from a checkpoint's data item, or None if the process layout changed.
 
-    Same process count: the exact saved position. Otherwise (elastic restore onto another slice)
-    the position implied by the step, exact when no image was skipped as unreadable.
+    None makes the pipeline start at the position implied by the step (elastic restore onto another
+    slice; exact when no image was skipped as unreadable).
     """
-    if data and data.get("process_count") == jax.process_count():
-        i = jax.process_index()
-        return int(data["next_index"][i]), int(data["bad_images"][i])
-    bad = sum(data["bad_images"]) if data else 0
-    return step * local_batch, bad if jax.process_index() == 0 else 0
+    if not data or data.get("process_count") != jax.process_count():
+        return None
+    i = jax.process_index()
+    return {
+        "next_index": data["next_index"][i],
+        "bad_images": data["bad_images"][i],
+        "process_count": data["process_count"],
+        "global_batch": data["global_batch"],
+    }

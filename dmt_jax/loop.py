@@ -74,7 +74,16 @@ def run_eval(setup, state, fns, cache: dict, step: int) -> dict[str, float]:
     cfg, mesh = setup.config, setup.mesh
 
     def batches(role):
-        return data.eval_batches(cfg.data, role, batch_size=cfg.eval_batch_size, img_size=cfg.img_size)
+        if role not in cache:
+            cache[role] = data.make_source(cfg.data, role)
+        return data.make_eval_input(
+            cfg.data,
+            cache[role],
+            global_batch=cfg.eval_batch_size,
+            img_size=cfg.img_size,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
 
     out = {}
     s_train, y_train = evaluate.collect(fns["student"], batches("knn_train"), mesh, state.params)
@@ -106,7 +115,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
     train_source = data.make_source(config.data, "train")
     setup = train.build(config, mesh, num_train_examples=len(train_source))
-    local_batch = parallel.local_batch_size(config.batch_size)
+    parallel.local_batch_size(config.batch_size)  # fails early, with a message, on an indivisible batch
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), config.keep_checkpoints)
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
     if jax.process_index() == 0:
@@ -120,18 +129,16 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     else:
         state, data_item = setup.init_state(jax.random.PRNGKey(config.seed)), None
     start = int(state.step)
-    next_index, bad = checkpoint.input_position(data_item, start, local_batch)
-    train_input = data.TrainInput(
+    train_input = data.make_train_input(
+        config.data,
         train_source,
         global_batch=config.batch_size,
         img_size=config.img_size,
         seed=config.seed,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
-        start=next_index,
-        bad_so_far=bad,
-        threads=config.data.threads,
-        prefetch=config.data.prefetch,
+        step=start,
+        saved_state=checkpoint.saved_input_state(data_item),
     )
 
     fns, eval_cache, final = evaluate.make_eval_fns(setup), {}, {}
@@ -192,7 +199,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
             from dmt_jax import export
 
             path = os.path.join(workdir, "student_timm.safetensors")
-            export.export_student(jax.device_get(state.params["encoder"]), setup.student.encoder, path)
+            encoder = jax.device_get(state.params["encoder"])
+            export.export_timm(encoder, path, num_heads=setup.student.encoder.num_heads, overwrite=True)
             print(f"student exported for timm/PyTorch: {path}", flush=True)
 
     if ids_file:

@@ -32,8 +32,9 @@ class TrainState:
     rng: jax.Array  # raw uint32 key data, so checkpoints hold a plain array
 
 
-def build_teachers(entries, img_size: int, student_patch: int) -> list:
-    """Teacher entries (converted directories, or 'random:VARIANT@PX:SEED') -> Teachers.
+def build_teachers(entries, img_size: int, student_patch: int, data_config=None) -> list:
+    """Teacher entries -> Teachers: converted directories, 'random:VARIANT@PX:SEED' (random weights),
+    or 'demo:VARIANT@PX:SEED' (trained in process on the demo dataset; see demo_teachers.py).
 
     Each teacher must produce the student's patch grid; a /14 teacher is converted for 196 px
     (`dmt-convert --img-size 196`) when the student is /16 at 224 px.
@@ -44,11 +45,17 @@ def build_teachers(entries, img_size: int, student_patch: int) -> list:
     grid = img_size // student_patch
     teachers = []
     for entry in entries:
-        if entry.startswith("random:"):
-            m = re.fullmatch(r"random:([^@]+)@(\d+):(\d+)", entry)
+        if entry.startswith(("random:", "demo:")):
+            m = re.fullmatch(r"(random|demo):([^@]+)@(\d+):(\d+)", entry)
             if not m:
-                raise ValueError(f"teacher entry {entry!r}: random teachers are written 'random:VARIANT@PX:SEED'")
-            teacher = make_random_teacher(m.group(1), int(m.group(2)), int(m.group(3)))
+                raise ValueError(f"teacher entry {entry!r}: write 'random:VARIANT@PX:SEED' or 'demo:VARIANT@PX:SEED'")
+            kind, variant, px, seed = m.group(1), m.group(2), int(m.group(3)), int(m.group(4))
+            if kind == "random":
+                teacher = make_random_teacher(variant, px, seed)
+            else:
+                from dmt_jax.demo_teachers import demo_teacher
+
+                teacher = demo_teacher(variant, px, seed, data_config, img_size)
         else:
             if not os.path.isdir(entry):
                 raise FileNotFoundError(
@@ -149,9 +156,9 @@ class Setup:
         enc = self.student.encoder
         student = dict(width=enc.width, depth=enc.depth, patch_size=enc.patch_size, mlp_dim=enc.mlp_dim)
         teachers = [
-            dict(width=t.spec.width, depth=t.spec.depth, patch_size=t.spec.patch_size, mlp_dim=t.spec.mlp_dim,
-                 tokens=t.spec.num_tokens)  # fmt: skip
-            for t in self.stack.teachers
+            dict(width=spec.width, depth=spec.depth, patch_size=spec.patch_size, mlp_dim=spec.mlp_dim,
+                 tokens=spec.num_tokens)  # fmt: skip
+            for spec in self.stack.specs
         ]
         visible = objective.num_visible(self.num_patches, self.config.mask_ratio)
         return flops.step_flops(student, teachers, visible, self.stack.widths, enc.width)
@@ -160,7 +167,7 @@ class Setup:
 def build(config, mesh, num_train_examples: int | None = None, teachers=None) -> Setup:
     student_patch = parse_variant(config.student.variant)["patch_size"]
     if teachers is None:
-        teachers = build_teachers(config.teachers, config.img_size, student_patch)
+        teachers = build_teachers(config.teachers, config.img_size, student_patch, config.data)
     stack = TeacherStack(teachers, dtype=jnp.dtype(config.teacher_dtype), attention=config.attention)
     student = build_student(config, stack.widths)
     steps = total_steps(config, num_train_examples)

@@ -95,7 +95,7 @@ def test_checkpoint_resume_equals_uninterrupted(tmp_path):
 
     setup, state, _ = run(config, mesh, data[:2])
     ckpt = checkpoint.Checkpointer(str(tmp_path / "ckpt"))
-    assert ckpt.save(2, state, {"next_index": 2 * BATCH, "bad_images": 0})
+    assert ckpt.save(2, state, {"next_index": 2 * BATCH, "bad_images": 0, "global_batch": BATCH})
     ckpt.close()
     del state
     # Restore onto another mesh (elastic): 8 devices -> 2.

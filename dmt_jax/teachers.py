@@ -1,0 +1,392 @@
+"""Frozen teachers: the spec of a converted checkpoint, loading it, and running several at once.
+
+A converted teacher is a directory written by `dmt-convert` (or `save_teacher`): `spec.json`
+(a `TeacherSpec` plus a few derived fields for humans) and `params.safetensors` (float32 arrays
+named by their Flax path, e.g. "blocks_0/attn/qkv/kernel"). Nothing here imports torch or
+TensorFlow, so a training or benchmark machine needs neither.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dmt_jax.models.vit import VARIANTS, ViT
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+SPEC_FILE = "spec.json"
+PARAMS_FILE = "params.safetensors"
+SPEC_KIND = "dmt_jax.teacher/1"  # marks a directory as a converted teacher
+
+
+class TeacherFileError(ValueError):
+    """A directory that is not a (valid) converted teacher, or one that may not be written; one line."""
+
+
+def num_heads_for_width(width: int) -> int:
+    """Heads of the standard ViT of this width (ViT-H: 16 heads of 80); otherwise 64 channels per head."""
+    for w, _, heads, _ in VARIANTS.values():
+        if w == width:
+            return heads
+    return width // 64
+
+
+def variant_name(width: int, depth: int, mlp_dim: int, patch_size: int) -> str:
+    """'B/16' for a standard shape; otherwise a name that says the shape, e.g. 'w768-d2-m3072/16'."""
+    for name, (w, d, _, m) in VARIANTS.items():
+        if (w, d, m) == (width, depth, mlp_dim):
+            return f"{name}/{patch_size}"
+    return f"w{width}-d{depth}-m{mlp_dim}/{patch_size}"
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherSpec:
+    """Everything needed to rebuild a teacher's ViT and feed it: architecture, input size, normalization."""
+
+    format: str  # mae, mocov3, dino, ibot, dinov2 (or a demo label)
+    variant: str  # e.g. "B/16"; descriptive, the fields below are authoritative
+    width: int
+    depth: int
+    num_heads: int
+    mlp_dim: int
+    patch_size: int
+    img_size: int
+    num_reg_tokens: int = 0
+    no_embed_class: bool = False
+    layerscale: bool = False
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    source: str = ""
+    source_img_size: int | None = None
+    pos_embed_resize: str = "none"
+
+    def __post_init__(self):
+        # JSON gives lists; keep tuples so the spec stays hashable.
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+        if self.img_size % self.patch_size:
+            raise ValueError(f"img_size {self.img_size} is not a multiple of patch size {self.patch_size}")
+
+    @property
+    def grid(self) -> int:
+        return self.img_size // self.patch_size
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return 1 + self.num_reg_tokens
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_prefix_tokens + self.grid**2
+
+    @property
+    def architecture(self) -> tuple:
+        """Teachers with equal architecture share one compiled ViT (and one vmap in a TeacherStack)."""
+        return (self.width, self.depth, self.num_heads, self.mlp_dim, self.patch_size, self.img_size,
+                self.num_reg_tokens, self.no_embed_class, self.layerscale)  # fmt: skip
+
+    def model(self, dtype: Any = jnp.float32, attention: str = "auto") -> ViT:
+        return ViT(
+            width=self.width,
+            depth=self.depth,
+            num_heads=self.num_heads,
+            mlp_dim=self.mlp_dim,
+            patch_size=self.patch_size,
+            img_size=self.img_size,
+            num_reg_tokens=self.num_reg_tokens,
+            no_embed_class=self.no_embed_class,
+            layerscale_init=1.0 if self.layerscale else None,  # the value is overwritten by the checkpoint
+            dtype=dtype,
+            attention=attention,
+        )
+
+    def to_json(self) -> str:
+        derived = dict(grid=self.grid, num_prefix_tokens=self.num_prefix_tokens, num_tokens=self.num_tokens)
+        fields = dataclasses.asdict(self)
+        return json.dumps({"kind": SPEC_KIND, **fields, **derived, "params_file": PARAMS_FILE}, indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> TeacherSpec:
+        data = json.loads(text)
+        if not isinstance(data, dict) or data.get("kind") != SPEC_KIND:
+            raise TeacherFileError(f"not a converted-teacher spec (expected kind {SPEC_KIND!r})")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        spec = cls(**{k: v for k, v in data.items() if k in fields})
+        unknown = sorted(
+            set(data) - fields - {"kind", "grid", "num_prefix_tokens", "num_tokens", "params_file"}
+        )
+        if unknown:
+            raise TeacherFileError(f"spec has unknown fields {unknown}")
+        return spec
+
+
+# ---------------------------------------------------------------- parameters: flat <-> nested
+
+
+def flatten_params(params: Mapping) -> dict[str, Any]:
+    """{'blocks_0': {'attn': {'qkv': {'kernel': x}}}} -> {'blocks_0/attn/qkv/kernel': x}."""
+    flat = {}
+    for key, value in params.items():
+        if isinstance(value, Mapping):
+            flat.update({f"{key}/{k}": v for k, v in flatten_params(value).items()})
+        else:
+            flat[key] = value
+    return flat
+
+
+def unflatten_params(flat: Mapping[str, Any]) -> dict:
+    nested: dict = {}
+    for path, value in flat.items():
+        *parents, leaf = path.split("/")
+        node = nested
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return nested
+
+
+def expected_param_shapes(spec: TeacherSpec) -> dict[str, tuple[int, ...]]:
+    model = spec.model()
+    images = jax.ShapeDtypeStruct((1, spec.img_size, spec.img_size, 3), jnp.float32)
+    shapes = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x), images)["params"]
+    return {k: tuple(v.shape) for k, v in flatten_params(shapes).items()}
+
+
+def param_mismatches(spec: TeacherSpec, flat: Mapping[str, Any]) -> list[str]:
+    """Human-readable differences between `flat` and the parameters `spec.model()` needs (empty: fits)."""
+    expected = expected_param_shapes(spec)
+    problems = []
+    if missing := sorted(set(expected) - set(flat)):
+        problems.append(f"missing {', '.join(missing)}")
+    if unexpected := sorted(set(flat) - set(expected)):
+        problems.append(f"unexpected {', '.join(unexpected)}")
+    problems += [
+        f"{k} has shape {tuple(np.shape(flat[k]))}, expected {shape}"
+        for k, shape in expected.items()
+        if k in flat and tuple(np.shape(flat[k])) != shape
+    ]
+    return problems
+
+
+# ---------------------------------------------------------------- directories
+
+
+def save_teacher(
+    out_dir: str | os.PathLike, spec: TeacherSpec, params: Mapping, *, overwrite: bool = False
+) -> Path:
+    """Writes spec.json + params.safetensors (float32) to a temp dir beside `out_dir`, then renames it.
+
+    `params`: the ViT's 'params' tree (nested) or its flattened form. An existing `out_dir` is replaced
+    only with `overwrite` and only if it is a converted teacher (or empty), never an arbitrary folder.
+    """
+    from safetensors.numpy import save_file
+
+    out = Path(out_dir)
+    flat = flatten_params(params) if any(isinstance(v, Mapping) for v in params.values()) else dict(params)
+    if problems := param_mismatches(spec, flat):
+        raise TeacherFileError(f"parameters do not fit the spec ({spec.variant}): {'; '.join(problems)}")
+    check_writable(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        arrays = {k: np.ascontiguousarray(np.asarray(v, dtype=np.float32)) for k, v in flat.items()}
+        save_file(arrays, str(tmp / PARAMS_FILE), metadata={"kind": SPEC_KIND})
+        (tmp / SPEC_FILE).write_text(spec.to_json() + "\n")
+        if out.exists():  # overwrite: move the old one aside, so a failure puts it back
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / out.name)
+            try:
+                os.replace(tmp, out)
+            except BaseException:
+                os.replace(old / out.name, out)
+                raise
+            finally:
+                shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def check_writable(out: Path, overwrite: bool) -> None:
+    if not out.exists() and not out.is_symlink():
+        return
+    if not overwrite:
+        raise TeacherFileError(f"{out} already exists (pass --overwrite to replace it)")
+    if not out.is_dir() or not ((out / SPEC_FILE).is_file() or not any(out.iterdir())):
+        raise TeacherFileError(f"{out} exists and is not a converted teacher; refusing to replace it")
+
+
+def load_teacher(path: str | os.PathLike) -> Teacher:
+    """Reads a directory written by `dmt-convert` / `save_teacher`; one-line TeacherFileError otherwise."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    path = Path(path)
+    spec_file, params_file = path / SPEC_FILE, path / PARAMS_FILE
+    if not path.is_dir():
+        raise TeacherFileError(f"{path} is not a directory (expected a teacher converted by dmt-convert)")
+    if not spec_file.is_file() or not params_file.is_file():
+        raise TeacherFileError(f"{path} is not a converted teacher: it needs {SPEC_FILE} and {PARAMS_FILE}")
+    try:
+        spec = TeacherSpec.from_json(spec_file.read_text())
+        flat = load_file(str(params_file))
+    except (ValueError, TypeError, SafetensorError, OSError) as e:
+        why = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise TeacherFileError(f"{path} is not a valid converted teacher: {why}") from e
+    if problems := param_mismatches(spec, flat):
+        raise TeacherFileError(
+            f"{params_file} does not fit {SPEC_FILE} ({spec.variant}): {'; '.join(problems)}"
+        )
+    return Teacher(spec, unflatten_params(flat))
+
+
+# ---------------------------------------------------------------- running teachers
+
+
+_COMPILED: dict[tuple, Any] = {}  # compiled once per architecture (+ dtype, attention), not per teacher
+
+
+def _jitted_features(spec: TeacherSpec, dtype: Any, attention: str):
+    key = (spec.architecture, dtype, attention)
+    if key not in _COMPILED:
+        model = spec.model(dtype=dtype, attention=attention)
+        _COMPILED[key] = jax.jit(lambda params, images: model.apply({"params": params}, images))
+    return _COMPILED[key]
+
+
+@dataclasses.dataclass(frozen=True)
+class Teacher:
+    """A converted teacher: `params` is its ViT's 'params' tree (host or device arrays)."""
+
+    spec: TeacherSpec
+    params: Mapping
+
+    def features(self, images, *, dtype: Any = jnp.float32, attention: str = "auto") -> jax.Array:
+        """Normalized NHWC float images at spec.img_size -> final-norm tokens [B, 1 + R + grid^2, width]
+        in checkpoint order (CLS, registers, patches): timm's forward_features on the same weights."""
+        return _jitted_features(self.spec, jnp.dtype(dtype), attention)(self.params, images)
+
+
+def make_random_teacher(variant: str, img_size: int, seed: int, fmt: str = "mae", **vit_kwargs) -> Teacher:
+    """A teacher with random weights from a fixed seed (demos, tests); `vit_kwargs` go to the ViT
+    (num_reg_tokens, no_embed_class, layerscale_init, ...). Its mean/std are ImageNet's."""
+    model = ViT.from_variant(variant, img_size=img_size, **vit_kwargs)
+    spec = TeacherSpec(
+        format=fmt,
+        variant=variant,
+        width=model.width,
+        depth=model.depth,
+        num_heads=model.num_heads,
+        mlp_dim=model.mlp_dim,
+        patch_size=model.patch_size,
+        img_size=img_size,
+        num_reg_tokens=model.num_reg_tokens,
+        no_embed_class=model.no_embed_class,
+        layerscale=model.layerscale_init is not None,
+        source=f"random(seed={seed})",
+    )
+    key = ("init", spec.architecture, tuple(sorted(vit_kwargs.items())))
+    if key not in _COMPILED:  # compile the initializer once per architecture, not once per seed
+        images = jnp.zeros((1, img_size, img_size, 3), jnp.float32)
+        _COMPILED[key] = jax.jit(lambda rng: model.init(rng, images)["params"])
+    return Teacher(spec, _COMPILED[key](jax.random.PRNGKey(seed)))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Group:
+    """Teachers of one architecture: one ViT run under one vmap over their stacked params."""
+
+    members: tuple[int, ...]  # indices into the stack's teacher list
+    model: ViT
+    img_size: int
+    pixel_mean: np.ndarray  # [G, 3], on the 0..255 scale
+    pixel_std: np.ndarray  # [G, 3]
+
+
+class TeacherStack:
+    """Several frozen teachers run as few batched computations.
+
+    Teachers of identical architecture are grouped; each group's params are stacked on a leading axis
+    (cast once to `dtype`) and the group runs under one `jax.vmap`, so each layer is one batched
+    matmul. Pass `stack.params` into the jitted step and call `stack.apply(params, pixels)` inside it.
+    """
+
+    def __init__(self, teachers: Sequence[Teacher], dtype: Any = jnp.bfloat16, attention: str = "auto"):
+        if not teachers:
+            raise ValueError("a TeacherStack needs at least one teacher")
+        self.specs = tuple(t.spec for t in teachers)
+        self.dtype = jnp.dtype(dtype)
+        by_arch: dict[tuple, list[int]] = {}
+        for i, spec in enumerate(self.specs):
+            by_arch.setdefault(spec.architecture, []).append(i)
+        self._groups = []
+        params = []
+        for members in by_arch.values():
+            first = self.specs[members[0]]
+            self._groups.append(
+                _Group(
+                    members=tuple(members),
+                    model=first.model(dtype=self.dtype, attention=attention),
+                    img_size=first.img_size,
+                    pixel_mean=np.array([self.specs[i].mean for i in members], np.float32) * 255.0,
+                    pixel_std=np.array([self.specs[i].std for i in members], np.float32) * 255.0,
+                )
+            )
+            # Stack on the host, cast once: the device holds only the compute-dtype copy.
+            trees = [jax.tree.map(np.asarray, teachers[i].params) for i in members]
+            stacked = jax.tree.map(lambda *xs: np.stack(xs).astype(self.dtype), *trees)
+            params.append(jax.tree.map(jnp.asarray, stacked))
+        self.params = tuple(params)
+
+    @property
+    def widths(self) -> list[int]:
+        return [s.width for s in self.specs]
+
+    @property
+    def num_reg_tokens(self) -> list[int]:
+        return [s.num_reg_tokens for s in self.specs]
+
+    @property
+    def grids(self) -> list[int]:
+        return [s.grid for s in self.specs]
+
+    @property
+    def num_tokens(self) -> list[int]:
+        return [s.num_tokens for s in self.specs]
+
+    def apply(self, params, pixels) -> list[jax.Array]:
+        """pixels: uint8 or float [B, H, W, 3] in 0..255 -> per teacher (in the order given) its
+        final-norm tokens [B, T_k, D_k], in `dtype`, under stop_gradient."""
+        pixels = jnp.asarray(pixels).astype(jnp.float32)
+        outputs: list[jax.Array | None] = [None] * len(self.specs)
+        for group, group_params in zip(self._groups, params, strict=True):
+            x = pixels
+            if x.shape[1:3] != (group.img_size, group.img_size):
+                # e.g. a /14 teacher fed 196 px to give a /16 student's 14x14 grid at 224 px.
+                x = jax.image.resize(
+                    x, (x.shape[0], group.img_size, group.img_size, 3), "bilinear", antialias=True
+                )
+
+            def run(p, mean, std, images, model=group.model):
+                return model.apply({"params": p}, ((images - mean) / std).astype(self.dtype))
+
+            tokens = jax.vmap(run, in_axes=(0, 0, 0, None))(
+                group_params, group.pixel_mean, group.pixel_std, x
+            )
+            for j, i in enumerate(group.members):
+                outputs[i] = jax.lax.stop_gradient(tokens[j])
+        return outputs
