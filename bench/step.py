@@ -91,13 +91,12 @@ def run(args):
         times.append((time.perf_counter() - t0) / args.steps)
     ms = sorted(times)[len(times) // 2] * 1e3
     tflops = setup.flops_per_image() * args.batch / (ms / 1e3) / 1e12
-    print(json.dumps({
-        "impl": "dmt_jax", "student": args.student, "teachers": args.teachers, "batch": args.batch,
-        "mask_ratio": args.mask_ratio, "step_ms": round(ms, 2), "img_per_s": round(args.batch / (ms / 1e3), 1),
-        "model_tflops": round(tflops, 1), "mfu_vs_989": round(tflops / 989.0, 3), "warmup_s": round(warm_s, 1),
-        "loss": float(metrics["loss"]), "device": jax.devices()[0].device_kind, "jax": jax.__version__,
-        "attention": args.attention, "dtype": args.dtype,
-    }), flush=True)  # fmt: skip
+    row = dict(impl="dmt_jax", student=args.student, teachers=args.teachers, batch=args.batch)
+    row.update(mask_ratio=args.mask_ratio, step_ms=round(ms, 2), img_per_s=round(args.batch / (ms / 1e3), 1))
+    row.update(model_tflops=round(tflops, 1), mfu_vs_989=round(tflops / 989.0, 3), warmup_s=round(warm_s, 1))
+    row.update(loss=float(metrics["loss"]), device=jax.devices()[0].device_kind, jax=jax.__version__)
+    row.update(attention=args.attention, dtype=args.dtype)
+    print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":

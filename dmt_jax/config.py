@@ -12,8 +12,6 @@ import ml_collections as mc
 
 
 def base_config() -> mc.ConfigDict:
-    from dmt_jax import data  # the data fields live beside the pipelines that read them
-
     c = mc.ConfigDict()
     c.seed = 0
     c.img_size = 224
@@ -60,7 +58,7 @@ def base_config() -> mc.ConfigDict:
     c.distributed = mc.ConfigDict(dict(coordinator_address="", num_processes=-1, process_id=-1, auto=True))
 
     # Input.
-    c.data = data.default_config()
+    c.data = data_config()
 
     # Checkpoints, logs, evaluation.
     c.checkpoint_every = 1000
@@ -76,9 +74,60 @@ def base_config() -> mc.ConfigDict:
     return c
 
 
-def lock(config: mc.ConfigDict) -> mc.ConfigDict:
-    config.lock()
+def data_config() -> mc.ConfigDict:
+    """Every data field (read by dmt_jax/data/config.py). The shuffle seed is the run's `seed`."""
+    config = mc.ConfigDict()
+    config.source = "demo"  # 'demo' | 'tfds' | 'folder'
+
+    # tfds (array_record format; e.g. imagenet2012, see TfdsSource for the build command)
+    config.tfds_name = "imagenet2012"
+    config.tfds_data_dir = ""  # '' -> $TFDS_DATA_DIR or ~/tensorflow_datasets
+    config.train_split = "train"
+    config.knn_train_split = "train"
+    config.knn_eval_split = "validation"
+    config.image_key = "image"
+    config.label_key = "label"
+
+    # image folders: <dir>/<class>/<image>.{jpg,jpeg,png}
+    config.folder_train = ""
+    config.folder_knn_train = ""  # '' -> folder_train
+    config.folder_eval = ""
+
+    # generated demo dataset, written on first use under demo_root/<a name made of its parameters>
+    config.demo_root = "~/.cache/dmt_jax/demo"
+    config.demo_num_classes = 10
+    config.demo_per_class_train = 64
+    config.demo_per_class_val = 16
+    config.demo_img_size = 64
+
+    # pipelines
+    config.threads = 0  # tf.data private thread pool size; 0 -> the cores this process may run on
+    config.num_parallel = -1  # parallel decodes; -1 -> tf.data.AUTOTUNE (bounded by threads)
+    config.prefetch = 2  # batches
+    config.crop_scale = (0.2, 1.0)
+    config.crop_ratio = (3 / 4, 4 / 3)
+    config.eval_crop_fraction = 0.875
     return config
+
+
+# The paper's setting (METHOD.md): three ViT-B/16 teachers converted with `dmt-convert` into these
+# directories (relative to the working directory unless overridden).
+IMAGENET_TEACHERS = ("teachers/mae_vit_b16", "teachers/mocov3_vit_b16", "teachers/dino_vit_b16")
+
+
+def imagenet_recipe(student: str, drop_path: float) -> mc.ConfigDict:
+    """DMT on ImageNet-1K from tfds (array_record), 300 epochs, batch 4096: the vit_*.py recipes."""
+    c = base_config()
+    c.student.variant = student
+    c.student.drop_path = drop_path
+    c.teachers = IMAGENET_TEACHERS
+    c.batch_size = 4096
+    c.data.source = "tfds"
+    c.data.tfds_name = "imagenet2012"
+    c.data.train_split = "train"
+    c.data.knn_train_split = "train[:10%]"  # k-NN memory bank: a tenth keeps evaluations short
+    c.data.knn_eval_split = "validation"
+    return c
 
 
 def unknown_field_message(config: mc.ConfigDict, dotted: str) -> str:

@@ -12,7 +12,6 @@ Teacher entry: 'demo:VARIANT@PX:SEED', e.g. 'demo:mu/8@64:3' (a /8 ViT fed 64 px
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -24,7 +23,7 @@ from dmt_jax import objective
 from dmt_jax.models.vit import ViT
 from dmt_jax.teachers import Teacher, load_teacher, make_random_teacher, save_teacher
 
-STEPS, BATCH, LR = 300, 64, 2e-3
+STEPS, BATCH, LR = 500, 64, 3e-3
 
 
 class _Classifier(nn.Module):
@@ -41,7 +40,11 @@ def demo_teacher(variant: str, img_size: int, seed: int, data_config, student_im
     """The trained demo teacher for this entry, from the cache or trained now (about 20 s on 2 cores)."""
     from dmt_jax import data  # TensorFlow: only the demo path needs it here
 
-    cache = data.demo_dataset_root(data_config) / "teachers" / f"{variant.replace('/', '_')}_{img_size}px_seed{seed}"
+    cache = (
+        data.demo_dataset_root(data_config)
+        / "teachers"
+        / f"{variant.replace('/', '_')}_{img_size}px_seed{seed}_steps{STEPS}"
+    )
     if (cache / "spec.json").exists():
         return load_teacher(cache)
     start = make_random_teacher(variant, img_size, seed)
@@ -55,7 +58,9 @@ def demo_teacher(variant: str, img_size: int, seed: int, data_config, student_im
     @functools.partial(jax.jit, donate_argnums=(0, 1))
     def step(params, opt_state, pixels, labels):
         if pixels.shape[1] != img_size:
-            pixels = jax.image.resize(pixels.astype(jnp.float32), (pixels.shape[0], img_size, img_size, 3), "bilinear")
+            pixels = jax.image.resize(
+                pixels.astype(jnp.float32), (pixels.shape[0], img_size, img_size, 3), "bilinear"
+            )
         images = objective.normalize_pixels(pixels, start.spec.mean, start.spec.std)
 
         def loss_fn(p):
@@ -66,7 +71,9 @@ def demo_teacher(variant: str, img_size: int, seed: int, data_config, student_im
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
-    stream = data.make_train_input(data_config, source, global_batch=BATCH, img_size=student_img_size, seed=seed)
+    stream = data.make_train_input(
+        data_config, source, global_batch=BATCH, img_size=student_img_size, seed=seed
+    )
     print(f"training demo teacher {variant} at {img_size}px (seed {seed}) for {STEPS} steps", flush=True)
     for _, batch in zip(range(STEPS), stream, strict=False):
         params, opt_state, loss = step(params, opt_state, batch["image"], source.labels[batch["id"]])

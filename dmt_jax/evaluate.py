@@ -35,7 +35,9 @@ def make_eval_fns(setup):
 
     @jax.jit
     def alignment(params, teacher_params, pixels):
-        keep = objective.keep_indices(jax.random.PRNGKey(1234), pixels.shape[0], setup.num_patches, cfg.mask_ratio)
+        keep = objective.keep_indices(
+            jax.random.PRNGKey(1234), pixels.shape[0], setup.num_patches, cfg.mask_ratio
+        )
         tokens = stack.apply(teacher_params, pixels)
         targets = objective.teacher_targets(tokens, stack.num_reg_tokens, keep, cfg.target_norm_eps)
         preds = student.apply({"params": params}, images_of(pixels), keep)
@@ -92,5 +94,7 @@ def knn_top1(train_x, train_y, test_x, test_y, k: int = 20, temperature: float =
 
     correct = 0
     for i in range(0, len(test_x), chunk):
-        correct += int((np.asarray(predict(jnp.asarray(test_x[i : i + chunk]))) == test_y[i : i + chunk]).sum())
+        correct += int(
+            (np.asarray(predict(jnp.asarray(test_x[i : i + chunk]))) == test_y[i : i + chunk]).sum()
+        )
     return 100.0 * correct / len(test_x)

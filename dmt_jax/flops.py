@@ -19,7 +19,9 @@ PEAK_BF16 = {
 def vit_flops(width: int, depth: int, tokens: int, patch: int, mlp_dim: int | None = None, channels: int = 3):
     """Forward FLOPs of a ViT encoder over `tokens` tokens (CLS included)."""
     mlp_dim = 4 * width if mlp_dim is None else mlp_dim
-    per_layer = 2 * tokens * (3 * width * width + width * width + 2 * width * mlp_dim) + 4 * tokens * tokens * width
+    per_layer = (
+        2 * tokens * (3 * width * width + width * width + 2 * width * mlp_dim) + 4 * tokens * tokens * width
+    )
     stem = 2 * (tokens - 1) * patch * patch * channels * width
     return depth * per_layer + stem
 
@@ -30,7 +32,9 @@ def step_flops(student, teachers, num_visible: int, head_widths, head_in: int) -
     student / teachers: dicts with width, depth, patch_size, mlp_dim, tokens (teachers: all tokens).
     """
     t = sum(vit_flops(x["width"], x["depth"], x["tokens"], x["patch_size"], x["mlp_dim"]) for x in teachers)
-    s = 3 * vit_flops(student["width"], student["depth"], num_visible + 1, student["patch_size"], student["mlp_dim"])
+    s = 3 * vit_flops(
+        student["width"], student["depth"], num_visible + 1, student["patch_size"], student["mlp_dim"]
+    )
     h = 3 * sum(2 * (num_visible + 1) * head_in * w for w in head_widths)
     return float(t + s + h)
 

@@ -75,7 +75,9 @@ class Heads(nn.Module):
             if self.kind in ("ln_linear", "mlp"):
                 y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name=f"head_{k}_norm")(y)
             if self.kind == "mlp":
-                y = nn.gelu(dense(int(x.shape[-1] * self.mlp_ratio), name=f"head_{k}_fc1")(y), approximate=False)
+                y = nn.gelu(
+                    dense(int(x.shape[-1] * self.mlp_ratio), name=f"head_{k}_fc1")(y), approximate=False
+                )
             elif self.kind not in ("linear", "ln_linear"):
                 raise ValueError(f"head must be 'linear', 'ln_linear' or 'mlp', got {self.kind!r}")
             outs.append(dense(width, name=f"head_{k}_out")(y))
@@ -122,7 +124,7 @@ def distill_loss(preds, targets, widths, weights, *, kind="smooth_l1", beta=1.0,
         else:
             per_teacher.append(cls_weight * tok[:, 0].mean() + (1.0 - cls_weight) * tok[:, 1:].mean())
         start += width
-    total = sum(w * l for w, l in zip(weights, per_teacher, strict=True))
+    total = sum(w * loss for w, loss in zip(weights, per_teacher, strict=True))
     return total, per_teacher
 
 
@@ -140,6 +142,8 @@ def teacher_weights(configured: Sequence[float], k: int) -> tuple[float, ...]:
     if not configured:
         return (1.0 / k,) * k
     if len(configured) != k:
-        raise ValueError(f"teacher_weights has {len(configured)} entries for {k} teachers: give one per teacher")
+        raise ValueError(
+            f"teacher_weights has {len(configured)} entries for {k} teachers: give one per teacher"
+        )
     total = float(sum(configured))
     return tuple(float(w) / total for w in configured)

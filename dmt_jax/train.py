@@ -48,7 +48,9 @@ def build_teachers(entries, img_size: int, student_patch: int, data_config=None)
         if entry.startswith(("random:", "demo:")):
             m = re.fullmatch(r"(random|demo):([^@]+)@(\d+):(\d+)", entry)
             if not m:
-                raise ValueError(f"teacher entry {entry!r}: write 'random:VARIANT@PX:SEED' or 'demo:VARIANT@PX:SEED'")
+                raise ValueError(
+                    f"teacher entry {entry!r}: write 'random:VARIANT@PX:SEED' or 'demo:VARIANT@PX:SEED'"
+                )
             kind, variant, px, seed = m.group(1), m.group(2), int(m.group(3)), int(m.group(4))
             if kind == "random":
                 teacher = make_random_teacher(variant, px, seed)
@@ -103,7 +105,11 @@ def total_steps(config, num_train_examples: int | None) -> int:
 def make_optimizer(config, steps: int, steps_per_epoch: float):
     """AdamW, lr = base_lr * batch / 256, linear warmup then cosine; no decay on 1-D tensors, pos/CLS/regs."""
     peak = config.base_lr * config.batch_size / 256
-    warmup = config.warmup_steps if config.warmup_steps >= 0 else int(round(config.warmup_epochs * steps_per_epoch))
+    warmup = (
+        config.warmup_steps
+        if config.warmup_steps >= 0
+        else int(round(config.warmup_epochs * steps_per_epoch))
+    )
     warmup = min(warmup, steps - 1)
     schedule = optax.warmup_cosine_decay_schedule(0.0, peak, max(warmup, 0), max(steps, 1), config.min_lr)
 
@@ -115,7 +121,9 @@ def make_optimizer(config, steps: int, steps_per_epoch: float):
             {k: getattr(v, "ndim", 0) >= 2 and k[-1] not in no_decay for k, v in flat.items()}
         )
 
-    adamw = optax.adamw(schedule, b1=config.b1, b2=config.b2, weight_decay=config.weight_decay, mask=decay_mask)
+    adamw = optax.adamw(
+        schedule, b1=config.b1, b2=config.b2, weight_decay=config.weight_decay, mask=decay_mask
+    )
     if config.grad_clip > 0:
         adamw = optax.chain(optax.clip_by_global_norm(config.grad_clip), adamw)
     if config.student.pos_embed == "sincos":  # fixed table: never updated
@@ -156,8 +164,13 @@ class Setup:
         enc = self.student.encoder
         student = dict(width=enc.width, depth=enc.depth, patch_size=enc.patch_size, mlp_dim=enc.mlp_dim)
         teachers = [
-            dict(width=spec.width, depth=spec.depth, patch_size=spec.patch_size, mlp_dim=spec.mlp_dim,
-                 tokens=spec.num_tokens)  # fmt: skip
+            dict(
+                width=spec.width,
+                depth=spec.depth,
+                patch_size=spec.patch_size,
+                mlp_dim=spec.mlp_dim,
+                tokens=spec.num_tokens,
+            )  # fmt: skip
             for spec in self.stack.specs
         ]
         visible = objective.num_visible(self.num_patches, self.config.mask_ratio)
@@ -243,6 +256,16 @@ def build(config, mesh, num_train_examples: int | None = None, teachers=None) ->
         donate_argnums=(0,),
     )
     return Setup(
-        config, mesh, student, stack, tx, schedule, steps, init_state, step, state_shardings, abstract_state,
+        config,
+        mesh,
+        student,
+        stack,
+        tx,
+        schedule,
+        steps,
+        init_state,
+        step,
+        state_shardings,
+        abstract_state,
         teacher_params,
     )
