@@ -20,7 +20,9 @@ def randomized(params, seed):
     """Random values everywhere (LayerNorm scales and biases too): defaults hide swapped tensors."""
     leaves, tree = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-    return jax.tree.unflatten(tree, [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)])
+    return jax.tree.unflatten(
+        tree, [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)]
+    )
 
 
 def torch_objective(sd, heads, images, keep, tokens, cfg, weights):
@@ -79,7 +81,8 @@ def test_objective_matches_pytorch(loss, cls_weight, weights):
     keep = objective.keep_indices(jax.random.PRNGKey(1), B, N, 0.75)
     params = randomized(student.init(jax.random.PRNGKey(0), images, keep)["params"], 2)
     tokens = [
-        jnp.asarray(3 * rng.standard_normal((B, 1 + r + N, w)) + 1, jnp.float32) for w, r in zip(WIDTHS, REGS, strict=True)
+        jnp.asarray(3 * rng.standard_normal((B, 1 + r + N, w)) + 1, jnp.float32)
+        for w, r in zip(WIDTHS, REGS, strict=True)
     ]
 
     def jax_loss(p):
