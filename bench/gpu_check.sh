@@ -1,9 +1,20 @@
 #!/usr/bin/env bash
 # One device call: the device, the PyTorch reference (eager and torch.compile) and dmt_jax's step for
 # ViT-Ti, S and B students (3 ViT-B/16 teachers, batch 256, mask 0.75), then a ratio table.
-# Usage (device tool): bash bench/gpu_check.sh   [OUT=dir for the JSON lines; default /tmp]
+#
+# The GPU machines have jax, flax, optax, torch and timm but not ml_collections: first, here,
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_17_x86_64 -d .whl ml_collections==1.1.0
+# then one device call: command "bash bench/gpu_check.sh", carry [".whl"], timeout_s 580.
+# Budget: ours <= 240 s, each reference <= 100 s, so the table prints inside one call.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+if ! python3 -c "import ml_collections" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl || {
+    echo "ml_collections is missing: download its wheel into .whl (see this script's header)"; exit 2; }
+  export PYTHONPATH=/tmp/site
+fi
 out="${OUT:-/tmp}/gpu_check.jsonl"
 : >"$out"
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.85
@@ -11,10 +22,10 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 python3 -c "import jax, torch, timm, flax; print('jax', jax.__version__, 'flax', flax.__version__, 'torch', torch.__version__, 'timm', timm.__version__, jax.devices())"
 students="${STUDENTS:-s,ti,b}"
 # ours first (the S row matters most), then the reference; each bounded so the table always prints.
-timeout 300 python3 bench/step.py --student "$students" --batch 256 --mask-ratio 0.75 | tee -a "$out"
+timeout 240 python3 bench/step.py --student "$students" --batch 256 --mask-ratio 0.75 | tee -a "$out"
 for s in ${students//,/ }; do
   # torch_reference.py is ../shared/bench/torch_reference.py, copied verbatim.
-  timeout 150 python3 bench/torch_reference.py --student "$s" --batch 256 --mask-ratio 0.75 --compile | tee -a "$out"
+  timeout 100 python3 bench/torch_reference.py --student "$s" --batch 256 --mask-ratio 0.75 --compile | tee -a "$out"
 done
 python3 - "$out" <<'PY'
 import json, sys
