@@ -65,6 +65,7 @@ def base_config() -> mc.ConfigDict:
     c.keep_checkpoints = 3
     c.log_every = 50
     c.eval_every = 5000  # <= 0: only before and after training
+    c.evaluate = True  # False: no k-NN / alignment at all, not even at the end (tests, benchmarks)
     c.knn_k = 20
     c.knn_temperature = 0.07
     c.eval_batch_size = 256
@@ -131,15 +132,31 @@ def imagenet_recipe(student: str, drop_path: float) -> mc.ConfigDict:
 
 
 def unknown_field_message(config: mc.ConfigDict, dotted: str) -> str:
-    """'config field X does not exist; did you mean Y?' for a dotted name."""
+    """'config field X does not exist; did you mean Y?' for a dotted name; '' if X exists."""
     node, parts = config, dotted.split(".")
     for i, part in enumerate(parts):
         if isinstance(node, mc.ConfigDict) and part in node:
             node = node[part]
             continue
-        prefix = ".".join(parts[:i])
         options = list(node.keys()) if isinstance(node, mc.ConfigDict) else []
         near = difflib.get_close_matches(part, options, n=1)
-        hint = f"; did you mean {'.'.join(filter(None, [prefix, near[0]]))!r}?" if near else ""
-        return f"config field {dotted!r} does not exist{hint}"
+        if not near:
+            return f"config field {dotted!r} does not exist"
+        guess = parts[:i] + near + parts[i + 1 :]
+        if unknown_field_message(config, ".".join(guess)):  # the rest is wrong too: offer the part that fits
+            guess = parts[:i] + near
+        return f"config field {dotted!r} does not exist; did you mean {'.'.join(guess)!r}?"
     return ""
+
+
+def unknown_fields(config: mc.ConfigDict, schema: mc.ConfigDict) -> list[str]:
+    """One unknown_field_message per field of config that schema lacks (a typo in a recipe file)."""
+
+    def walk(node, schema_node, prefix):
+        for key, value in node.items():
+            if key not in schema_node:
+                yield unknown_field_message(schema, prefix + key)
+            elif isinstance(value, mc.ConfigDict) and isinstance(schema_node[key], mc.ConfigDict):
+                yield from walk(value, schema_node[key], prefix + key + ".")
+
+    return list(walk(config, schema, ""))

@@ -8,11 +8,11 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import time
 
 import jax
 import numpy as np
-from absl import logging
 from jax.experimental import multihost_utils
 
 from dmt_jax import checkpoint, data, evaluate, flops, parallel, train
@@ -21,25 +21,90 @@ from dmt_jax import checkpoint, data, evaluate, flops, parallel, train
 class Preemption:
     """SIGTERM / SIGINT ask the loop to checkpoint at the current step and exit 0.
 
-    Several processes agree on the step through JAX's preemption sync point (its service sees
-    SIGTERM on any host); one process watches its own signals.
+    One process: the signal sets a flag that the loop reads after each step. Several processes must
+    stop at the same step. JAX's preemption service (started by jax.distributed.initialize) catches
+    SIGTERM on any process and agrees on a step through the coordination service, with no host sync
+    per step; a SIGINT is handed to it as a SIGTERM. Should that service be off, the flags are
+    all-gathered every `agree_every` steps instead (a tiny collective at the log interval, where the
+    loop waits for the device anyway).
     """
 
-    def __init__(self):
-        self.requested = False
+    def __init__(self, agree_every: int):
         self.multi = jax.process_count() > 1
-        signals = (signal.SIGINT,) if self.multi else (signal.SIGTERM, signal.SIGINT)
-        for sig in signals:
-            signal.signal(sig, self._handler)
+        self.jax_service = self.multi and _preemption_service_running()
+        self.agree_every = max(1, agree_every)
+        self.requested = False
+        self._previous = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            if sig == signal.SIGTERM and self.jax_service:
+                continue  # JAX's notifier owns SIGTERM
+            self._previous[sig] = signal.signal(sig, self._handler)
 
     def _handler(self, signum, frame):
-        self.requested = True
-        print(f"received {signal.Signals(signum).name}: saving a checkpoint at the current step", flush=True)
+        # No print here: printing while the interrupted main thread prints raises a reentrant-call error.
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C aborts at once
+        if self.jax_service:
+            os.kill(os.getpid(), signal.SIGTERM)
+        else:
+            self.requested = True
 
     def should_stop(self, step: int) -> bool:
+        if self.jax_service:
+            return multihost_utils.reached_preemption_sync_point(step)
         if self.multi:
-            return multihost_utils.reached_preemption_sync_point(step) or self.requested
+            return step % self.agree_every == 0 and _on_any_process(self.requested)
         return self.requested
+
+    def close(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _preemption_service_running() -> bool:
+    try:
+        from jax._src import distributed
+
+        return distributed.global_state.preemption_sync_manager is not None
+    except (ImportError, AttributeError):
+        return False
+
+
+def _on_any_process(flag: bool) -> bool:
+    return bool(np.asarray(multihost_utils.process_allgather(np.asarray([flag], np.int32))).any())
+
+
+def _sum_over_processes(value: int) -> int:
+    if jax.process_count() == 1:
+        return value
+    return int(np.asarray(multihost_utils.process_allgather(np.asarray([value], np.int64))).sum())
+
+
+def _say(msg: str):
+    if jax.process_index() == 0:
+        print(msg, flush=True)
+
+
+def _fail(msg: str):
+    """Stops the run with exit code 1 and one line; every process reaches this at the same step."""
+    if jax.process_index() == 0:
+        print(f"error: {msg}", file=sys.stderr, flush=True)
+    raise SystemExit(1)
+
+
+def _open_ids_log(workdir: str):
+    """workdir/example_ids.p{process}.jsonl, appended to; a line cut short by a kill is dropped first.
+
+    Line-buffered, so every step up to a checkpoint is on disk when the checkpoint is; a resumed
+    run writes its steps again after it (the later line wins).
+    """
+    path = os.path.join(workdir, f"example_ids.p{jax.process_index()}.jsonl")
+    if os.path.exists(path):
+        with open(path, "rb+") as f:
+            text = f.read()
+            if text and not text.endswith(b"\n"):
+                f.truncate(text.rfind(b"\n") + 1)
+    return open(path, "a", buffering=1)
 
 
 class Progress:
@@ -50,7 +115,7 @@ class Progress:
         self.peak = flops.peak_flops(jax.devices()[0].device_kind)
         self.t0, self.s0 = time.perf_counter(), start
 
-    def update(self, step: int, loss: float) -> dict[str, float]:
+    def update(self, step: int, scalars: dict[str, float]) -> dict[str, float]:
         now = time.perf_counter()
         dt, ds = now - self.t0, step - self.s0
         self.t0, self.s0 = now, step
@@ -58,12 +123,17 @@ class Progress:
             return {}
         img_s = ds * self.batch / dt
         out = {"img_per_s": img_s, "step_ms": 1e3 * dt / ds}
-        line = f"step {step}/{self.total} | loss {loss:.4f} | {img_s:,.0f} img/s"
+        line = f"step {step}/{self.total} | loss {scalars['loss']:.4f} | {img_s:,.0f} img/s"
         if self.peak:
             out["mfu"] = img_s * self.flops / (self.peak * jax.device_count())
             line += f" | MFU {100 * out['mfu']:.1f}%"
         eta = (self.total - step) * dt / ds
         line += f" | ETA {int(eta // 3600)}h{int(eta % 3600 // 60):02d}m{int(eta % 60):02d}s"
+        # Faults the run survived stay visible on the console, not only in TensorBoard.
+        if scalars.get("nonfinite_steps_total"):
+            line += f" | {int(scalars['nonfinite_steps_total'])} non-finite steps skipped"
+        if scalars.get("bad_images"):
+            line += f" | {int(scalars['bad_images'])} unreadable images skipped so far"
         if jax.process_index() == 0:
             print(line, flush=True)
         return out
@@ -88,7 +158,9 @@ def run_eval(setup, state, fns, cache: dict, step: int) -> dict[str, float]:
     out = {}
     s_train, y_train = evaluate.collect(fns["student"], batches("knn_train"), mesh, state.params)
     s_test, y_test = evaluate.collect(fns["student"], batches("knn_eval"), mesh, state.params)
-    out["knn_top1/student"] = evaluate.knn_top1(s_train, y_train, s_test, y_test, cfg.knn_k, cfg.knn_temperature)
+    out["knn_top1/student"] = evaluate.knn_top1(
+        s_train, y_train, s_test, y_test, cfg.knn_k, cfg.knn_temperature
+    )
     if "teachers" not in cache:  # frozen: their k-NN never changes
         t_train, _ = evaluate.collect(fns["teachers"], batches("knn_train"), mesh, setup.teacher_params)
         t_test, _ = evaluate.collect(fns["teachers"], batches("knn_eval"), mesh, setup.teacher_params)
@@ -99,16 +171,25 @@ def run_eval(setup, state, fns, cache: dict, step: int) -> dict[str, float]:
             for k, (a, b) in enumerate(zip(t_train, t_test, strict=True))
         }
     out.update(cache["teachers"])
-    align, _ = evaluate.collect(fns["alignment"], batches("knn_eval"), mesh, state.params, setup.teacher_params)
+    align, _ = evaluate.collect(
+        fns["alignment"], batches("knn_eval"), mesh, state.params, setup.teacher_params
+    )
     for k, v in enumerate(np.asarray(align).mean(0)):
         out[f"alignment/teacher_{k}"] = float(v)
     if jax.process_index() == 0:
-        print(f"eval at step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(out.items())), flush=True)
+        print(
+            f"eval at step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(out.items())), flush=True
+        )
     return out
 
 
 def train_and_evaluate(config, workdir: str) -> dict[str, float]:
-    """Runs (or resumes) a distillation in workdir; returns the final evaluation metrics."""
+    """Runs (or resumes) a distillation in workdir; returns the final evaluation metrics.
+
+    Exits with code 1 (one line on stderr) on a non-finite loss under nonfinite='stop', and when the
+    final or the preemption checkpoint cannot be written; a failed periodic save is reported and
+    training goes on (the next save retries).
+    """
     from clu import metric_writers  # imports TensorFlow's summary writer: kept out of the step's path
 
     os.makedirs(workdir, exist_ok=True)
@@ -121,11 +202,24 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
+    preemption = Preemption(agree_every=config.log_every)
+    ids_file = _open_ids_log(workdir) if config.log_example_ids else None
+    try:
+        return _train(setup, ckpt, writer, preemption, ids_file, train_source, workdir)
+    finally:
+        if ids_file:
+            ids_file.close()
+        preemption.close()
+        writer.flush()
+        ckpt.close()
 
+
+def _train(setup, ckpt, writer, preemption, ids_file, train_source, workdir) -> dict[str, float]:
+    config, mesh = setup.config, setup.mesh
     restored = ckpt.restore_latest(setup.abstract_state)
     if restored:
         state, data_item = restored
-        print(f"resuming from the checkpoint at step {int(state.step)} in {ckpt.directory}", flush=True)
+        _say(f"resuming from the checkpoint at step {int(state.step)} in {ckpt.directory}")
     else:
         state, data_item = setup.init_state(jax.random.PRNGKey(config.seed)), None
     start = int(state.step)
@@ -141,23 +235,21 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         saved_state=checkpoint.saved_input_state(data_item),
     )
 
-    fns, eval_cache, final = evaluate.make_eval_fns(setup), {}, {}
-    if start == 0:
-        writer.write_scalars(0, run_eval(setup, state, fns, eval_cache, 0))
+    final, eval_every = {}, config.eval_every if config.evaluate else 0
+    evaluations = _Evaluations(setup, writer, workdir) if config.evaluate else None
+    if start == 0 and evaluations:
+        evaluations.run(state, 0)
     progress = Progress(setup.steps, start, config.batch_size, setup.flops_per_image())
-    preemption = Preemption()
-    ids_file = None
-    if config.log_example_ids:
-        ids_file = open(os.path.join(workdir, f"example_ids.p{jax.process_index()}.jsonl"), "a")
-    pending, last_saved = [], (ckpt.steps() or [0])[-1]
-    profile = tuple(config.profile_steps)
+    books = _Books(config, ckpt, writer, progress, train_input)
+    pending, profile = [], tuple(config.profile_steps)
     batches = iter(train_input)
 
     for step in range(start, setup.steps):
         if profile and step == profile[0]:
             jax.profiler.start_trace(os.path.join(workdir, "profile"))
         batch = next(batches)
-        state, metrics = setup.step(state, setup.teacher_params, parallel.global_batch({"image": batch["image"]}, mesh))
+        global_batch = parallel.global_batch({"image": batch["image"]}, mesh)
+        state, metrics = setup.step(state, setup.teacher_params, global_batch)
         pending.append(metrics)
         done = step + 1
         if ids_file:
@@ -165,36 +257,23 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         if profile and done == profile[1]:
             jax.profiler.stop_trace()
 
-        if done % config.log_every == 0 or done == setup.steps:
-            host = jax.device_get(pending)  # the only host sync, once per log interval
+        last = done == setup.steps
+        if done % config.log_every == 0 or last:
+            books.log(done, jax.device_get(pending))  # the only host sync, once per log interval
             pending = []
-            bad_steps = [done - len(host) + i + 1 for i, m in enumerate(host) if m["nonfinite"]]
-            if bad_steps and config.nonfinite == "stop":
-                msg = (
-                    f"non-finite loss at step {bad_steps[0]} (the update was not applied); last good checkpoint: "
-                    f"step {last_saved} in {ckpt.directory}. Lower base_lr, set grad_clip, or pass "
-                    "--config.nonfinite=skip to skip such steps"
-                )
-                print(msg, flush=True)
-                raise SystemExit(1)
-            scalars = {k: float(np.mean([m[k] for m in host])) for k in host[-1]}
-            scalars["nonfinite_steps"] = float(len(bad_steps))
-            scalars["bad_images"] = float(train_input.state()["bad_images"])
-            scalars.update(progress.update(done, scalars["loss"]))
-            writer.write_scalars(done, scalars)
-
         stop = preemption.should_stop(done)
-        if done % config.checkpoint_every == 0 or done == setup.steps or stop:
-            if ckpt.save(done, state, train_input.state()):
-                last_saved = done
+        if done % config.checkpoint_every == 0 or last or stop:
+            books.save(done, state, must_succeed=last or stop)
         if stop:
-            print(f"preempted: checkpoint at step {done} saved; run again with the same workdir to resume", flush=True)
+            _say(
+                f"stop requested: checkpoint at step {done} saved; run again with the same workdir to resume"
+            )
             break
-        if config.eval_every > 0 and done % config.eval_every == 0 and done != setup.steps:
-            writer.write_scalars(done, run_eval(setup, state, fns, eval_cache, done))
+        if eval_every > 0 and done % eval_every == 0 and not last:
+            evaluations.run(state, done)
     else:
-        final = run_eval(setup, state, fns, eval_cache, int(state.step))
-        writer.write_scalars(int(state.step), final)
+        if evaluations:
+            final = evaluations.run(state, int(state.step))
         if config.export_at_end and jax.process_index() == 0:
             from dmt_jax import export
 
@@ -202,9 +281,66 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
             encoder = jax.device_get(state.params["encoder"])
             export.export_timm(encoder, path, num_heads=setup.student.encoder.num_heads, overwrite=True)
             print(f"student exported for timm/PyTorch: {path}", flush=True)
-
-    if ids_file:
-        ids_file.close()
-    writer.flush()
-    ckpt.close()
     return final
+
+
+class _Evaluations:
+    """run_eval at a step, its metrics to TensorBoard and, one JSON line per evaluation, to eval.jsonl."""
+
+    def __init__(self, setup, writer, workdir: str):
+        self.setup, self.writer = setup, writer
+        self.path = os.path.join(workdir, "eval.jsonl")
+        self.fns, self.cache = evaluate.make_eval_fns(setup), {}
+
+    def run(self, state, step: int) -> dict[str, float]:
+        out = run_eval(self.setup, state, self.fns, self.cache, step)
+        self.writer.write_scalars(step, out)
+        if jax.process_index() == 0:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": step, **out}) + "\n")
+        return out
+
+
+class _Books:
+    """What the loop writes down at log and checkpoint steps, and what it must remember between them."""
+
+    def __init__(self, config, ckpt, writer, progress, train_input):
+        self.config, self.ckpt, self.writer, self.progress, self.input = (
+            config,
+            ckpt,
+            writer,
+            progress,
+            train_input,
+        )
+        self.last_saved = (ckpt.steps() or [0])[-1]
+        self.skipped = 0  # non-finite steps so far (this session)
+
+    def log(self, done: int, host: list[dict]):
+        bad_steps = [done - len(host) + i + 1 for i, m in enumerate(host) if m["nonfinite"]]
+        if bad_steps and self.config.nonfinite == "stop":
+            _fail(
+                f"non-finite loss at step {bad_steps[0]} (its update was not applied); last good checkpoint: "
+                f"{self._newest()}. Lower base_lr, set grad_clip, or pass --config.nonfinite=skip to skip "
+                "such steps"
+            )
+        self.skipped += len(bad_steps)
+        scalars = {k: float(np.mean([m[k] for m in host])) for k in host[-1]}
+        scalars["nonfinite_steps"] = float(len(bad_steps))
+        scalars["nonfinite_steps_total"] = float(self.skipped)
+        scalars["bad_images"] = float(_sum_over_processes(self.input.state()["bad_images"]))
+        scalars.update(self.progress.update(done, scalars))
+        self.writer.write_scalars(done, scalars)
+
+    def save(self, done: int, state, must_succeed: bool):
+        """A failed periodic save is reported and training goes on (the next save retries); the last save,
+        or a preemption's, has no later one to retry: the run stops with exit code 1."""
+        if self.ckpt.save(done, state, self.input.state()):
+            self.last_saved = done
+        elif must_succeed:
+            _fail(
+                f"the checkpoint at step {done} could not be written (see above); newest checkpoint: "
+                f"{self._newest()}. Free space and run again to continue from it"
+            )
+
+    def _newest(self) -> str:
+        return f"step {self.last_saved} in {self.ckpt.directory}" if self.last_saved else "none yet"

@@ -18,26 +18,62 @@ from jax.sharding import PartitionSpec as P
 BATCH_AXES = ("data", "fsdp")
 
 
-def initialize_distributed(cfg) -> None:
-    """jax.distributed.initialize(): automatic on TPU pods and SLURM, explicit from config elsewhere."""
+def initialize_distributed(cfg) -> str:
+    """Joins this process to a multi-process run (jax.distributed.initialize); returns how, or ''.
+
+    Must run before any JAX computation. Explicit (any launcher): cfg.coordinator_address with
+    cfg.num_processes and cfg.process_id; every process then uses all of its local devices.
+    Automatic (cfg.auto): on a Cloud TPU VM, and under SLURM or Open MPI with more than one task,
+    JAX reads the cluster's layout itself; under SLURM and Open MPI it gives each task one GPU, the
+    one its local rank names (launch one task per GPU). A lone process initializes nothing.
+    """
     if jax.distributed.is_initialized():
-        return
+        return "already initialized"
     if cfg.coordinator_address:
+        if cfg.num_processes < 1 or not 0 <= cfg.process_id < cfg.num_processes:
+            raise ValueError(
+                f"distributed.coordinator_address={cfg.coordinator_address!r} also needs "
+                f"distributed.num_processes >= 1 and 0 <= distributed.process_id < num_processes "
+                f"(got {cfg.num_processes} and {cfg.process_id})"
+            )
+        # 'deactivate': the given layout wins over whatever cluster variables the environment holds.
         jax.distributed.initialize(
-            coordinator_address=cfg.coordinator_address,
-            num_processes=cfg.num_processes if cfg.num_processes > 0 else None,
-            process_id=cfg.process_id if cfg.process_id >= 0 else None,
+            cfg.coordinator_address,
+            num_processes=cfg.num_processes,
+            process_id=cfg.process_id,
+            cluster_detection_method="deactivate",
         )
-    elif cfg.auto and _cluster_detected():
-        jax.distributed.initialize()  # JAX reads TPU metadata / SLURM variables itself
-    if jax.process_count() > 1:
-        logging.info("process %d of %d", jax.process_index(), jax.process_count())
+        how = "explicit"
+    elif cfg.auto and (how := detect_cluster()):
+        jax.distributed.initialize()
+    else:
+        return ""
+    logging.info("process %d of %d (%s)", jax.process_index(), jax.process_count(), how)
+    return how
 
 
-def _cluster_detected() -> bool:
-    slurm = int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in os.environ
-    tpu_pod = "TPU_WORKER_HOSTNAMES" in os.environ and "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
-    return slurm or tpu_pod or "MEGASCALE_COORDINATOR_ADDRESS" in os.environ
+def detect_cluster(environ=None) -> str:
+    """The multi-process launcher this process runs under ('cloud_tpu', 'slurm', 'ompi'), or ''."""
+    env = os.environ if environ is None else environ
+    # One process per TPU VM host; JAX reads the slice's layout from the metadata server.
+    if environ is None and _on_cloud_tpu_vm():
+        return "cloud_tpu"
+    slurm_vars = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
+    # One SLURM task is a single-process run: initializing would restrict it to one GPU.
+    if all(v in env for v in slurm_vars) and int(env["SLURM_NTASKS"]) > 1:
+        return "slurm"
+    if "OMPI_MCA_orte_hnp_uri" in env and int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
+        return "ompi"
+    return ""
+
+
+def _on_cloud_tpu_vm() -> bool:
+    try:  # set by `import jax` when libtpu and TPU chips are present; private, hence the guard
+        from jax._src import cloud_tpu_init
+
+        return bool(cloud_tpu_init.running_in_cloud_tpu_vm)
+    except (ImportError, AttributeError):
+        return False
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
@@ -50,7 +86,9 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
     if fsdp == -1:
         fsdp = n // data
     if data * fsdp != n:
-        raise ValueError(f"mesh data={data} x fsdp={fsdp} does not use the {n} devices: set --config.mesh.data")
+        raise ValueError(
+            f"mesh data={data} x fsdp={fsdp} does not use the {n} devices: set --config.mesh.data"
+        )
     device_grid = np.asarray(devices).reshape(data, fsdp)
     return Mesh(device_grid, BATCH_AXES)
 
@@ -91,7 +129,9 @@ def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Arra
     """This process's slice of the batch -> one global array sharded over the batch axes."""
     sharding = batch_sharding(mesh)
     return {
-        k: jax.make_array_from_process_local_data(sharding, v, (v.shape[0] * jax.process_count(),) + v.shape[1:])
+        k: jax.make_array_from_process_local_data(
+            sharding, v, (v.shape[0] * jax.process_count(),) + v.shape[1:]
+        )
         for k, v in local.items()
     }
 
