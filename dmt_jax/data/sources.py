@@ -7,6 +7,7 @@ ops; tfds array_record: one small Python call for the raw record, the parsing in
 
 from __future__ import annotations
 
+import abc
 import os
 from pathlib import Path
 
@@ -29,16 +30,16 @@ class DataError(ValueError):
     """A dataset is missing or unusable; the message is one line saying how to fix it."""
 
 
-class Source:
+class Source(abc.ABC):
     """Base class: subclasses define __len__, __getitem__ and, where they can, a graph-side read."""
 
     num_classes: int
 
-    def __len__(self) -> int:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def __len__(self) -> int: ...
 
-    def __getitem__(self, index: int) -> tuple[bytes, int]:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def __getitem__(self, index: int) -> tuple[bytes, int]: ...
 
     def tf_lookup(self, index: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         """(encoded bytes: tf.string scalar, label: tf.int32 scalar) for an int64 scalar index."""
