@@ -68,6 +68,7 @@ def base_config() -> mc.ConfigDict:
     c.evaluate = True  # False: no k-NN / alignment at all, not even at the end (tests, benchmarks)
     c.knn_k = 20
     c.knn_temperature = 0.07
+    c.linear_probe_steps = 300  # full-batch steps of a softmax probe on the k-NN splits; 0: no probe
     c.eval_batch_size = 256
     c.log_example_ids = False  # write workdir/example_ids.jsonl (tests of exact resume)
     c.export_at_end = True  # the student as a timm state dict (safetensors)

@@ -98,3 +98,36 @@ def knn_top1(train_x, train_y, test_x, test_y, k: int = 20, temperature: float =
             (np.asarray(predict(jnp.asarray(test_x[i : i + chunk]))) == test_y[i : i + chunk]).sum()
         )
     return 100.0 * correct / len(test_x)
+
+
+def linear_probe_top1(train_x, train_y, test_x, test_y, steps: int = 300, lr: float = 1e-2, wd: float = 1e-4):
+    """Top-1 (percent) of a softmax classifier trained on frozen features, full batch, AdamW.
+
+    Features are standardized with the training set's statistics (MAE's probe puts a BatchNorm
+    without affine parameters before its linear layer: the same thing, once).
+    """
+    import optax
+
+    num_classes = int(max(train_y.max(), test_y.max())) + 1
+    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+    x = jnp.asarray((train_x - mean) / std)
+    y = jnp.asarray(train_y)
+    params = {"w": jnp.zeros((x.shape[1], num_classes)), "b": jnp.zeros((num_classes,))}
+    tx = optax.adamw(optax.cosine_decay_schedule(lr, steps), weight_decay=wd)
+
+    def loss_fn(p):
+        return optax.softmax_cross_entropy_with_integer_labels(x @ p["w"] + p["b"], y).mean()
+
+    @jax.jit
+    def train(params):
+        def step(carry, _):
+            p, s = carry
+            updates, s = tx.update(jax.grad(loss_fn)(p), s, p)
+            return (optax.apply_updates(p, updates), s), None
+
+        (params, _), _ = jax.lax.scan(step, (params, tx.init(params)), None, length=steps)
+        return params
+
+    params = train(params)
+    logits = jnp.asarray((test_x - mean) / std) @ params["w"] + params["b"]
+    return 100.0 * float((np.asarray(logits.argmax(-1)) == test_y).mean())

@@ -140,7 +140,7 @@ class Progress:
 
 
 def run_eval(setup, state, fns, cache: dict, step: int) -> dict[str, float]:
-    """k-NN top-1 of the student (and of each teacher, once), and per-teacher alignment."""
+    """k-NN and linear-probe top-1 of the student (and of each teacher, once), per-teacher alignment."""
     cfg, mesh = setup.config, setup.mesh
 
     def batches(role):
@@ -161,15 +161,22 @@ def run_eval(setup, state, fns, cache: dict, step: int) -> dict[str, float]:
     out["knn_top1/student"] = evaluate.knn_top1(
         s_train, y_train, s_test, y_test, cfg.knn_k, cfg.knn_temperature
     )
+    if cfg.linear_probe_steps > 0:
+        out["linear_probe_top1/student"] = evaluate.linear_probe_top1(
+            s_train, y_train, s_test, y_test, cfg.linear_probe_steps
+        )
     if "teachers" not in cache:  # frozen: their k-NN never changes
         t_train, _ = evaluate.collect(fns["teachers"], batches("knn_train"), mesh, setup.teacher_params)
         t_test, _ = evaluate.collect(fns["teachers"], batches("knn_eval"), mesh, setup.teacher_params)
         t_train = t_train if isinstance(t_train, list) else [t_train]
         t_test = t_test if isinstance(t_test, list) else [t_test]
-        cache["teachers"] = {
-            f"knn_top1/teacher_{k}": evaluate.knn_top1(a, y_train, b, y_test, cfg.knn_k, cfg.knn_temperature)
-            for k, (a, b) in enumerate(zip(t_train, t_test, strict=True))
-        }
+        cache["teachers"] = {}
+        for k, (a, b) in enumerate(zip(t_train, t_test, strict=True)):
+            top1 = evaluate.knn_top1(a, y_train, b, y_test, cfg.knn_k, cfg.knn_temperature)
+            cache["teachers"][f"knn_top1/teacher_{k}"] = top1
+            if cfg.linear_probe_steps > 0:
+                top1 = evaluate.linear_probe_top1(a, y_train, b, y_test, cfg.linear_probe_steps)
+                cache["teachers"][f"linear_probe_top1/teacher_{k}"] = top1
     out.update(cache["teachers"])
     align, _ = evaluate.collect(
         fns["alignment"], batches("knn_eval"), mesh, state.params, setup.teacher_params

@@ -38,7 +38,9 @@ def test_demo_distills_teachers_into_the_student(demo_config, tmp_path, monkeypa
         assert last[f"alignment/teacher_{k}"] > 0.75
         # Trained teachers separate the demo classes far above chance (10 classes).
         assert last[f"knn_top1/teacher_{k}"] > 25
+        assert last[f"linear_probe_top1/teacher_{k}"] > 25
     assert last["knn_top1/student"] > first["knn_top1/student"] + 10
+    assert last["linear_probe_top1/student"] > first["linear_probe_top1/student"] + 10
     # Every part left its trace: checkpoints, TensorBoard events, the timm export.
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == ["120", "240"]
     assert list(workdir.glob("events.out.tfevents.*"))
