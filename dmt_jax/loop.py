@@ -312,13 +312,8 @@ class _Books:
     """What the loop writes down at log and checkpoint steps, and what it must remember between them."""
 
     def __init__(self, config, ckpt, writer, progress, train_input):
-        self.config, self.ckpt, self.writer, self.progress, self.input = (
-            config,
-            ckpt,
-            writer,
-            progress,
-            train_input,
-        )
+        self.config, self.ckpt, self.writer = config, ckpt, writer
+        self.progress, self.input = progress, train_input
         self.last_saved = (ckpt.steps() or [0])[-1]
         self.skipped = 0  # non-finite steps so far (this session)
 
