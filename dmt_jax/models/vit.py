@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 # name -> (width, depth, num_heads, mlp_dim); "mu" is a test-sized model for mechanics.
 VARIANTS: dict[str, tuple[int, int, int, int]] = {
@@ -105,10 +106,11 @@ class Attention(nn.Module):
         impl = attention_implementation(self.implementation, q.dtype)
         try:
             out = jax.nn.dot_product_attention(q, k, v, implementation=impl)
-        except (ValueError, NotImplementedError, RuntimeError):
-            if self.implementation != "auto":
+        except Exception as e:  # cuDNN refused this shape, dtype or transform (checked while tracing)
+            if self.implementation != "auto" or impl == "xla":
                 raise
-            out = jax.nn.dot_product_attention(q, k, v, implementation="xla")  # cuDNN refused this shape
+            logging.warning("cuDNN attention unavailable for %s (%s); using XLA's", q.shape, str(e)[:200])
+            out = jax.nn.dot_product_attention(q, k, v, implementation="xla")
         return dense(d, name="proj")(out.reshape(b, t, d))
 
 
