@@ -112,18 +112,12 @@ def convert_checkpoint(
             arch = dataclasses.replace(arch, grid=new_grid)
 
         flat = formats.timm_to_flax({k: v.detach().float().cpu().numpy() for k, v in backbone.items()})
-        spec = TeacherSpec(
+        spec = TeacherSpec.of_architecture(
+            arch,
+            layerscale=arch.layerscale,
             format=fmt,
             variant=arch.variant,
-            width=arch.width,
-            depth=arch.depth,
-            num_heads=arch.num_heads,
-            mlp_dim=arch.mlp_dim,
-            patch_size=arch.patch_size,
             img_size=img_size,
-            num_reg_tokens=arch.num_reg_tokens,
-            no_embed_class=arch.no_embed_class,
-            layerscale=arch.layerscale,
             mean=spec_format.mean,
             std=spec_format.std,
             source=str(Path(src).resolve()),

@@ -111,6 +111,12 @@ class TeacherSpec:
             attention=attention,
         )
 
+    @classmethod
+    def of_architecture(cls, arch, *, layerscale: bool, **fields) -> TeacherSpec:
+        """The spec with the shape of `arch` (a ViT, or a formats.Architecture read off a checkpoint)."""
+        names = ("width", "depth", "num_heads", "mlp_dim", "patch_size", "num_reg_tokens", "no_embed_class")
+        return cls(**{n: getattr(arch, n) for n in names}, layerscale=layerscale, **fields)
+
     def to_json(self) -> str:
         derived = dict(grid=self.grid, num_prefix_tokens=self.num_prefix_tokens, num_tokens=self.num_tokens)
         fields = dataclasses.asdict(self)
@@ -285,18 +291,12 @@ def make_random_teacher(variant: str, img_size: int, seed: int, fmt: str = "mae"
     """A teacher with random weights from a fixed seed (demos, tests); `vit_kwargs` go to the ViT
     (num_reg_tokens, no_embed_class, layerscale_init, ...). Its mean/std are ImageNet's."""
     model = ViT.from_variant(variant, img_size=img_size, **vit_kwargs)
-    spec = TeacherSpec(
+    spec = TeacherSpec.of_architecture(
+        model,
+        layerscale=model.layerscale_init is not None,
         format=fmt,
         variant=variant,
-        width=model.width,
-        depth=model.depth,
-        num_heads=model.num_heads,
-        mlp_dim=model.mlp_dim,
-        patch_size=model.patch_size,
         img_size=img_size,
-        num_reg_tokens=model.num_reg_tokens,
-        no_embed_class=model.no_embed_class,
-        layerscale=model.layerscale_init is not None,
         source=f"random(seed={seed})",
     )
     key = ("init", spec.architecture, tuple(sorted(vit_kwargs.items())))
