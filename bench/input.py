@@ -3,7 +3,9 @@
 Same JPEG photographs (ImageNet-like sizes, made once from scikit-image's sample photos), same work
 (RandomResizedCrop(224, scale=(0.2, 1)) + horizontal flip -> uint8 batch), same cores: each side
 runs in its own process pinned with sched_setaffinity; tf.data gets a private thread pool of that
-many threads, the DataLoader that many workers. Prints one JSON line per side and a ratio line.
+many threads, the DataLoader that many workers. dmt_jax runs twice: on the image folder and on the
+same JPEGs written by tfds in array_record format (as ImageNet is prepared). Prints one JSON line per
+side and a ratio line per dmt_jax side.
 
 img_per_s_per_core is wall-clock throughput over the pinned cores: the target metric on a quiet
 machine. img_per_cpu_s counts the CPU time each side really got (workers included), so it stays
@@ -26,6 +28,7 @@ from pathlib import Path
 
 PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina"]
 PHOTOS += ["stereo_motorcycle", "colorwheel"]
+SIDES = ("ours", "ours-tfds", "torch")  # tf.data on the image folder, tf.data on tfds array_record, PIL
 
 
 def make_jpegs(cache: Path, count: int) -> Path:
@@ -62,6 +65,36 @@ def make_jpegs(cache: Path, count: int) -> Path:
     return root
 
 
+def make_tfds(cache: Path, root: Path) -> Path:
+    """The JPEGs of `root` as a tfds dataset 'bench_photos' (train split) in array_record format, as
+    `tfds build --file_format=array_record` writes ImageNet; the JPEG bytes are stored unchanged.
+    Readers need no builder class: tfds reads the prepared directory by name."""
+    data_dir = cache / f"tfds_{root.name}"
+    if (data_dir / "done").exists():
+        return data_dir
+    import tensorflow_datasets as tfds
+
+    class BenchPhotos(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            labels = tfds.features.ClassLabel(num_classes=2)
+            image = tfds.features.Image(encoding_format="jpeg")
+            features = tfds.features.FeaturesDict({"image": image, "label": labels})
+            return tfds.core.DatasetInfo(builder=self, features=features)
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples()}
+
+        def _generate_examples(self):
+            for i, path in enumerate(sorted((root / "all").glob("*.jpg"))):
+                yield i, {"image": str(path), "label": i % 2}
+
+    BenchPhotos(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
+    (data_dir / "done").write_text("")
+    return data_dir
+
+
 def pin(cores: int) -> list[int]:
     allowed = sorted(os.sched_getaffinity(0))
     if cores > len(allowed):
@@ -96,12 +129,12 @@ def measure(batches, batch_size: int, seconds: float, warmup_batches: int = 3) -
     return {"img_per_s": count / wall, "img_per_cpu_s": count / cpu if cpu > 0 else float("nan")}
 
 
-def run_ours(root: Path, args) -> dict:
+def run_ours(root: Path, args, tfds_dir: Path | None = None) -> dict:
     import tensorflow as tf
 
     from dmt_jax import data
 
-    source = data.FolderSource(root)
+    source = data.TfdsSource("bench_photos", "train", str(tfds_dir)) if tfds_dir else data.FolderSource(root)
     pipeline = data.TrainInput(
         source,
         global_batch=args.batch,
@@ -111,7 +144,8 @@ def run_ours(root: Path, args) -> dict:
         num_parallel=args.num_parallel,
     )
     rates = measure(pipeline, args.batch, args.seconds)
-    return {"impl": "dmt_jax tf.data", **rates, "versions": {"tensorflow": tf.__version__}}
+    impl = "dmt_jax tf.data " + ("tfds array_record" if tfds_dir else "image folder")
+    return {"impl": impl, **rates, "versions": {"tensorflow": tf.__version__}}
 
 
 def run_torch(root: Path, args) -> dict:
@@ -156,19 +190,22 @@ def compare(args):
     """Alternate the two sides `rounds` times, each in a fresh process (neither inherits the other's
     threads), and keep each side's best round: on a shared machine the best is the least disturbed."""
     best = {}
+    sides = args.sides.split(",")
     for _ in range(args.rounds):
-        for impl in ("ours", "torch"):
+        for impl in sides:
             command = [sys.executable, __file__, *sys.argv[1:], "--impl", impl]
             output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
             result = json.loads(output.strip().splitlines()[-1])
             if impl not in best or result["img_per_s"] > best[impl]["img_per_s"]:
                 best[impl] = result
-    for impl in ("ours", "torch"):
+    for impl in sides:
         print(json.dumps(best[impl]), flush=True)
-    ratio = best["ours"]["img_per_s_per_core"] / best["torch"]["img_per_s_per_core"]
-    cpu_ratio = best["ours"]["img_per_cpu_s"] / best["torch"]["img_per_cpu_s"]
-    summary = {"ratio_per_core_ours_over_torch": round(ratio, 3), "ratio_per_cpu_second": round(cpu_ratio, 3)}
-    print(json.dumps({**summary, "target": 1.5, "rounds": args.rounds, "load_avg_1min": os.getloadavg()[0]}))
+    for impl in (side for side in sides if side != "torch" and "torch" in sides):
+        ratio = best[impl]["img_per_s_per_core"] / best["torch"]["img_per_s_per_core"]
+        cpu_ratio = best[impl]["img_per_cpu_s"] / best["torch"]["img_per_cpu_s"]
+        summary = {"side": impl, "ratio_per_core_over_torch": round(ratio, 3)}
+        summary.update(ratio_per_cpu_second=round(cpu_ratio, 3), target=1.5, rounds=args.rounds)
+        print(json.dumps({**summary, "load_avg_1min": os.getloadavg()[0]}), flush=True)
 
 
 def main():
@@ -181,16 +218,21 @@ def main():
     parser.add_argument("--num-parallel", type=int, default=-1, help="tf.data map parallelism; -1 autotune")
     parser.add_argument("--cache", default="~/.cache/dmt_jax/bench_input")
     parser.add_argument("--rounds", type=int, default=2, help="alternating runs per side; the best counts")
-    parser.add_argument("--impl", choices=["both", "ours", "torch"], default="both")
+    parser.add_argument("--impl", choices=["all", *SIDES], default="all")
+    parser.add_argument("--sides", default="ours,ours-tfds,torch", help="what --impl all compares")
     args = parser.parse_args()
     root = make_jpegs(Path(args.cache).expanduser(), args.images)
+    tfds_dir = make_tfds(root.parent, root) if "ours-tfds" in (args.impl, *args.sides.split(",")) else None
 
-    if args.impl == "both":
+    if args.impl == "all":
         compare(args)
         return
 
     cores = pin(args.cores)
-    result = run_ours(root, args) if args.impl == "ours" else run_torch(root, args)
+    if args.impl == "torch":
+        result = run_torch(root, args)
+    else:
+        result = run_ours(root, args, tfds_dir if args.impl == "ours-tfds" else None)
     result.update(
         img_per_s=round(result["img_per_s"], 1),
         img_per_cpu_s=round(result["img_per_cpu_s"], 1),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -43,7 +44,7 @@ def make_config(args):
     return c
 
 
-def main():
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser()
     p.add_argument("--student", default="s", help="ti, s or b; a comma-separated list runs each in turn")
     p.add_argument("--teachers", type=int, default=3)
@@ -58,14 +59,33 @@ def main():
     p.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn"])
     p.add_argument("--remat", action="store_true")
     p.add_argument("--fsdp", type=int, default=1)
-    args = p.parse_args()
+    p.add_argument("--profile-top", type=int, default=0, help="then the top N kernels of 3 traced steps")
+    p.add_argument(
+        "--xla-flags",
+        default="",
+        help="extra XLA flags, opt-in (none by default): --xla-flags='--xla_gpu_triton_gemm_any=true'",
+    )
+    return p
+
+
+def parse(p: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    args = p.parse_args(argv)
     for student in args.student.split(","):
         if student not in STUDENTS:
             p.error(f"--student {student!r}: choose from {sorted(STUDENTS)}")
+    # Read when JAX starts its backend (the first device use), not at import.
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {args.xla_flags}".strip()
+    return args
+
+
+def main(argv=None):
+    args = parse(parser(), argv)
+    for student in args.student.split(","):
         run(argparse.Namespace(**{**vars(args), "student": student}))
 
 
-def run(args):
+def prepare(args):
+    """(setup, state, batches): the trainer's step, its initial state, four uint8 batches on device."""
     config = make_config(args)
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
     setup = train.build(config, mesh)
@@ -76,7 +96,11 @@ def run(args):
     batches = [  # a few fresh uint8 batches already on device, as the input pipeline delivers them
         {"image": jax.device_put(rng.integers(0, 256, shape, dtype=np.uint8), sharding)} for _ in range(4)
     ]
+    return setup, state, batches
 
+
+def run(args):
+    setup, state, batches = prepare(args)
     t0 = time.perf_counter()
     for i in range(args.warmup):
         state, metrics = setup.step(state, setup.teacher_params, batches[i % 4])
@@ -95,8 +119,12 @@ def run(args):
     row.update(mask_ratio=args.mask_ratio, step_ms=round(ms, 2), img_per_s=round(args.batch / (ms / 1e3), 1))
     row.update(model_tflops=round(tflops, 1), mfu_vs_989=round(tflops / 989.0, 3), warmup_s=round(warm_s, 1))
     row.update(loss=float(metrics["loss"]), device=jax.devices()[0].device_kind, jax=jax.__version__)
-    row.update(attention=args.attention, dtype=args.dtype)
+    row.update(attention=args.attention, dtype=args.dtype, xla_flags=args.xla_flags)
     print(json.dumps(row), flush=True)
+    if args.profile_top:
+        from profile_step import profile  # noqa: PLC0415 (profile_step imports this module)
+
+        profile(setup, state, batches, label=args.student, top=args.profile_top)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,12 @@
-"""Every config field, with its default (METHOD.md's recipe); recipe files in configs/ override these.
+"""Every config field, in one schema: its default (METHOD.md's recipe), one line of meaning, its range.
+
+A schema is a nested dict of `Field(default, help, check)`; `to_config(schema)` gives the ConfigDict
+of its defaults (`base_config()`), which recipe files in configs/ override by plain assignment. From
+the same declaration come `--help` (`help_lines`) and the range checks (`field_problems`: one
+'--config.FIELD=VALUE: what it must be' per bad field); checks between fields are in
+`consistency_problems`, and dmt_jax/validate.py runs them all, with the checks of the dataset, the
+teachers and the workdir, before anything is built or written. To add a field, add one `Field` line
+(a check is one of the small functions below, or a lambda returning '' or what the value must be).
 
 One schema for all recipes, so a typo in a recipe or on the command line is caught by the locked
 ConfigDict and reported with the nearest valid field name.
@@ -6,110 +14,571 @@ ConfigDict and reported with the nearest valid field name.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import math
+import re
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import ml_collections as mc
 
+# ---------------------------------------------------------------- the mechanism
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+    """One config field: its default, one line of meaning (--help), and its range check."""
+
+    default: Any
+    help: str
+    check: Callable[[Any], str] = lambda value: ""  # value -> '' if fine, else what it must be
+
+
+def to_config(schema: Mapping) -> mc.ConfigDict:
+    """A schema (nested dicts of Fields) -> the ConfigDict of its defaults."""
+    return mc.ConfigDict(
+        {k: to_config(v) if isinstance(v, Mapping) else v.default for k, v in schema.items()}
+    )
+
+
+def schema_fields(schema: Mapping, prefix: str = "") -> Iterator[tuple[str, Field]]:
+    """('data.source', Field) for every field of a schema, in declaration order."""
+    for key, value in schema.items():
+        if isinstance(value, Mapping):
+            yield from schema_fields(value, f"{prefix}{key}.")
+        else:
+            yield prefix + key, value
+
+
+def field_problems(config: mc.ConfigDict, schema: Mapping) -> list[str]:
+    """'--config.FIELD=VALUE: what it must be' for every field of config that fails its check."""
+    problems = []
+    for name, spec in schema_fields(schema):
+        value = _get(config, name)
+        try:
+            why = spec.check(value)
+        except (TypeError, ValueError) as e:  # a value of another type than the check expects
+            why = f"not a valid value ({e})"
+        if why:
+            problems.append(f"--config.{name}={_show(value)}: {why}")
+    return problems
+
+
+def help_lines(schema: Mapping) -> list[str]:
+    """One line per field, 'name = default  meaning' (for --help)."""
+    rows = [(name, _show(spec.default), spec.help) for name, spec in schema_fields(schema)]
+    width = max(len(f"{name} = {default}") for name, default, _ in rows)
+    return [f"  {f'{name} = {default}':<{width}}  {meaning}" for name, default, meaning in rows]
+
+
+def _get(config, dotted: str):
+    for part in dotted.split("."):
+        config = config[part]
+    return config
+
+
+def _show(value) -> str:
+    return repr(tuple(value)) if isinstance(value, list | tuple) else repr(value)
+
+
+# Checks: each returns '' for a good value, else what the value must be.
+def _finite(v) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def boolean(v) -> str:
+    return "" if isinstance(v, bool) else "must be True or False"
+
+
+def text(v) -> str:
+    return "" if isinstance(v, str) else "must be a string"
+
+
+def nonempty_text(v) -> str:
+    return "" if isinstance(v, str) and v.strip() else "must be a non-empty string"
+
+
+def at_least(low, *, exclusive: bool = False, or_: tuple = ()) -> Callable[[Any], str]:
+    """A finite number >= low (> low when exclusive); the values in `or_` are allowed too (sentinels)."""
+
+    def check(v):
+        if v in or_ and not isinstance(v, bool):
+            return ""
+        if _finite(v) and (v > low if exclusive else v >= low):
+            return ""
+        rule = f"a number {'>' if exclusive else '>='} {low}"
+        return "must be " + " or ".join([rule, *map(repr, or_)])
+
+    return check
+
+
+def between(low, high, *, high_open: bool = False) -> Callable[[Any], str]:
+    def check(v):
+        if _finite(v) and low <= v and (v < high if high_open else v <= high):
+            return ""
+        return f"must be in [{low}, {high}{')' if high_open else ']'}"
+
+    return check
+
+
+def integer(check: Callable[[Any], str]) -> Callable[[Any], str]:
+    """`check`, and the value must be an integer."""
+    return lambda v: (
+        check(v) or ("" if isinstance(v, int) and not isinstance(v, bool) else "must be an integer")
+    )
+
+
+def one_of(*choices) -> Callable[[Any], str]:
+    return lambda v: "" if v in choices else f"must be one of {', '.join(map(repr, choices))}"
+
+
+def finite(v) -> str:
+    return "" if _finite(v) else "must be a finite number"
+
+
+def vit_variant(v) -> str:
+    from dmt_jax.models.vit import parse_variant
+
+    try:
+        parse_variant(v)
+        return ""
+    except (ValueError, AttributeError, TypeError):
+        return "must be NAME/PATCH (e.g. 'S/16', 'mu/4') with NAME one of mu, Ti, S, M, B, L, H"
+
+
+def range_pair(low: float, high: float | None) -> Callable[[Any], str]:
+    """(a, b) with low < a <= b (<= high when given): crop scales and ratios."""
+
+    def check(v):
+        ok = isinstance(v, list | tuple) and len(v) == 2 and all(_finite(x) for x in v)
+        ok = ok and low < v[0] <= v[1] and (high is None or v[1] <= high)
+        return (
+            "" if ok else f"must be (a, b) with {low} < a <= b" + (f" <= {high}" if high is not None else "")
+        )
+
+    return check
+
+
+def step_range(v) -> str:
+    """profile_steps: () or (first, last) with 0 <= first < last."""
+    ok = isinstance(v, list | tuple) and len(v) in (0, 2) and all(isinstance(x, int) for x in v)
+    return "" if ok and (not v or 0 <= v[0] < v[1]) else "must be () or (first, last) with 0 <= first < last"
+
+
+def weights(v) -> str:
+    if not isinstance(v, list | tuple) or not all(_finite(w) and w >= 0 for w in v):
+        return "must be () or non-negative finite numbers, one per teacher"
+    return "" if not v or sum(v) > 0 else "must not sum to 0"
+
+
+def strings(v) -> str:
+    ok = isinstance(v, list | tuple) and all(isinstance(x, str) for x in v)
+    return "" if ok else "must be a tuple of strings, e.g. \"('teachers/mae_vit_b16',)\""
+
+
+def randaugment_spec(v) -> str:
+    """'' or timm's RandAugment string of the increasing op set (dmt_jax/data/randaugment.py)."""
+    ok = isinstance(v, str) and (not v or re.fullmatch(r"rand(-(m[0-9.]+|n[0-9]+|mstd[0-9.]+|inc1))*", v))
+    return "" if ok else "must be '' or timm's RandAugment string, e.g. 'rand-m9-mstd0.5-inc1'"
+
+
+positive = at_least(0, exclusive=True)
+non_negative = at_least(0)
+DTYPES = one_of("float32", "bfloat16", "float16")
+
+
+# ---------------------------------------------------------------- the distillation schema
+
+
+BASE_SCHEMA = {
+    "seed": Field(0, "seed of initialization, masks and the data order", integer(non_negative)),
+    "img_size": Field(
+        224, "student input resolution in pixels (a multiple of its patch size)", integer(positive)
+    ),
+    # Student (METHOD.md 5): fixed sin-cos position embeddings by default, as in MAE.
+    "student": {
+        "variant": Field("S/16", "student ViT: NAME/PATCH, NAME in mu, Ti, S, M, B, L, H", vit_variant),
+        "pos_embed": Field(
+            "sincos", "position embeddings: sincos (fixed, as MAE) | learned", one_of("sincos", "learned")
+        ),
+        "drop_path": Field(0.0, "stochastic depth rate of the student", between(0, 1, high_open=True)),
+        "num_reg_tokens": Field(0, "register tokens of the student", integer(non_negative)),
+        "layerscale_init": Field(-1.0, "LayerScale initial value; <= 0: no LayerScale", finite),
+    },
+    # Teachers (METHOD.md 2).
+    "teachers": Field(
+        ("",),
+        "teacher directories (dmt-convert), or 'random:VARIANT@PX:SEED' / "
+        "'demo:VARIANT@PX:SEED' for small in-process teachers",
+        strings,
+    ),
+    "teacher_weights": Field((), "loss weight per teacher (normalized to sum 1); (): equal weights", weights),
+    "teacher_dtype": Field("bfloat16", "dtype of the frozen teachers' weights and matmuls", DTYPES),
+    # Objective (METHOD.md 3-7).
+    "mask_ratio": Field(0.75, "fraction of the student's patches masked out", between(0, 1, high_open=True)),
+    "head": Field(
+        "ln_linear",
+        "projection head per teacher: linear | ln_linear | mlp",
+        one_of("linear", "ln_linear", "mlp"),
+    ),
+    "head_mlp_ratio": Field(4.0, "hidden width / teacher width of the 'mlp' head", positive),
+    "loss": Field(
+        "smooth_l1",
+        "distance to the teachers' tokens: smooth_l1 | mse | cosine",
+        one_of("smooth_l1", "mse", "cosine"),
+    ),
+    "smooth_l1_beta": Field(1.0, "beta of the smooth-L1 loss", positive),
+    "cls_weight": Field(
+        -1.0,
+        "< 0: CLS is one token among the others; else loss = w * CLS + (1 - w) * patches",
+        lambda v: "" if _finite(v) and v <= 1 else "must be < 0, or in [0, 1]",
+    ),
+    "target_norm_eps": Field(
+        1e-6, "epsilon of the per-token normalization of the teachers' targets", positive
+    ),
+    # Optimization (METHOD.md 8).
+    "batch_size": Field(4096, "global batch size (a multiple of the device count)", integer(positive)),
+    "epochs": Field(
+        300.0, "length of the run in epochs of the training set (unless total_steps > 0)", positive
+    ),
+    "total_steps": Field(
+        -1, "> 0: length of the run in steps, overriding epochs", integer(at_least(1, or_=(-1,)))
+    ),
+    "warmup_epochs": Field(
+        20.0,
+        "linear lr warmup in epochs; with total_steps, the same fraction warmup_epochs / epochs of the run",
+        non_negative,
+    ),
+    "warmup_steps": Field(
+        -1,
+        ">= 0: warmup in steps, overriding warmup_epochs (a warmup ends a step before the run at the latest)",
+        integer(at_least(0, or_=(-1,))),
+    ),
+    "base_lr": Field(
+        1.5e-4, "peak learning rate = base_lr * batch_size / 256 (cosine decay after warmup)", positive
+    ),
+    "min_lr": Field(0.0, "learning rate at the end of the cosine decay", non_negative),
+    "b1": Field(0.9, "AdamW beta1", between(0, 1, high_open=True)),
+    "b2": Field(0.95, "AdamW beta2", between(0, 1, high_open=True)),
+    "weight_decay": Field(
+        0.05, "AdamW weight decay (not on biases, norms, position embeddings, tokens)", non_negative
+    ),
+    "grad_clip": Field(-1.0, "> 0: clip gradients to this global norm; <= 0: no clipping", finite),
+    "dtype": Field("bfloat16", "dtype of the student's matmuls (its parameters stay float32)", DTYPES),
+    "attention": Field(
+        "auto",
+        "attention kernel: auto (cuDNN where it applies) | xla | cudnn",
+        one_of("auto", "xla", "cudnn"),
+    ),
+    "remat": Field(False, "recompute the student's blocks in the backward pass (saves memory)", boolean),
+    "nonfinite": Field(
+        "stop",
+        "after a non-finite loss (its update is never applied): stop | skip (go on)",
+        one_of("stop", "skip"),
+    ),
+    # Scale (parallel.py): mesh axes (data, fsdp).
+    "mesh": {
+        "data": Field(
+            -1,
+            "data-parallel size of the device mesh; -1: the remaining devices",
+            integer(at_least(1, or_=(-1,))),
+        ),
+        "fsdp": Field(
+            1,
+            "fsdp size (parameters sharded over it); -1: the remaining devices",
+            integer(at_least(1, or_=(-1,))),
+        ),
+    },
+    "fsdp_min_size": Field(
+        2**18, "parameters smaller than this stay replicated under fsdp", integer(non_negative)
+    ),
+    "distributed": {
+        "coordinator_address": Field(
+            "",
+            "host:port of process 0 for an explicit multi-process start; '': none (or detected, see auto)",
+            text,
+        ),
+        "num_processes": Field(
+            -1, "processes of an explicit multi-process start", integer(at_least(1, or_=(-1,)))
+        ),
+        "process_id": Field(
+            -1, "this process's index in an explicit multi-process start", integer(at_least(0, or_=(-1,)))
+        ),
+        "auto": Field(True, "detect a Cloud TPU VM, SLURM or Open MPI multi-process launch", boolean),
+    },
+    # Input: see DATA_SCHEMA.
+    # Checkpoints, logs, evaluation.
+    "checkpoint_every": Field(1000, "steps between checkpoints", integer(positive)),
+    "keep_checkpoints": Field(3, "newest checkpoints kept", integer(at_least(1))),
+    "async_checkpoints": Field(
+        True,
+        "write periodic checkpoints in the background while training goes on (one at a time; the last "
+        "and a preemption's are waited for); False: every save blocks until it is on disk",
+        boolean,
+    ),
+    "resume_allow_changes": Field(
+        False,
+        "resume even if the teachers or a training field (model, objective, data, schedule) differ from "
+        "the checkpoint's record",
+        boolean,
+    ),
+    "log_every": Field(50, "steps between console / TensorBoard logs", integer(positive)),
+    "eval_every": Field(
+        5000, "steps between evaluations; <= 0: only before and after training", integer(finite)
+    ),
+    "evaluate": Field(True, "False: no k-NN / probe / alignment at all, not even at the end", boolean),
+    "knn_k": Field(20, "neighbours of the k-NN classifier", integer(at_least(1))),
+    "knn_temperature": Field(0.07, "temperature of the k-NN vote weights", positive),
+    "linear_probe_steps": Field(
+        300, "full-batch steps of a softmax probe on the k-NN splits; 0: no probe", integer(non_negative)
+    ),
+    "eval_batch_size": Field(
+        256, "images per evaluation batch, rounded up to a multiple of the device count", integer(positive)
+    ),
+    "pca_pictures": Field(
+        8,
+        "evaluation images shown as PCA feature maps at each evaluation (workdir/pictures/, TensorBoard "
+        "images); 0: none. CKA is measured on the first evaluation batch either way",
+        integer(non_negative),
+    ),
+    "log_example_ids": Field(
+        False, "write every step's example ids to workdir/example_ids.p<process>.jsonl", boolean
+    ),
+    "export_at_end": Field(True, "write the student as a timm state dict (safetensors) at the end", boolean),
+    "profile_steps": Field(
+        (), "(first, last): a JAX profiler trace of those steps in workdir/profile", step_range
+    ),
+    "compilation_cache_dir": Field(
+        "",
+        "persistent JAX compilation cache (a later run of the same programs skips compiling); '': off",
+        text,
+    ),
+}
+
+DATA_SCHEMA = {
+    "source": Field(
+        "demo", "dataset kind: demo (generated) | tfds | folder", one_of("demo", "tfds", "folder")
+    ),
+    # tfds (array_record format; e.g. imagenet2012, see TfdsSource for the build command)
+    "tfds_name": Field("imagenet2012", "tfds dataset name", nonempty_text),
+    "tfds_data_dir": Field("", "tfds data directory; '': $TFDS_DATA_DIR or ~/tensorflow_datasets", text),
+    "train_split": Field("train", "tfds split distilled on", nonempty_text),
+    "knn_train_split": Field("train", "tfds split of the k-NN / probe memory bank", nonempty_text),
+    "knn_eval_split": Field("validation", "tfds split of the k-NN / probe queries", nonempty_text),
+    "image_key": Field("image", "tfds feature holding the image", nonempty_text),
+    "label_key": Field("label", "tfds feature holding the class label", nonempty_text),
+    # image folders: <dir>/<class>/<image>.{jpg,jpeg,png}
+    "folder_train": Field("", "folder of class subfolders distilled on (source=folder)", text),
+    "folder_knn_train": Field("", "folder of the k-NN / probe memory bank; '': folder_train", text),
+    "folder_eval": Field("", "folder of the k-NN / probe queries (source=folder)", text),
+    # generated demo dataset, written on first use under demo_root/<a name made of its parameters>
+    "demo_root": Field("~/.cache/dmt_jax/demo", "where the generated demo dataset is cached", nonempty_text),
+    "demo_num_classes": Field(10, "classes of the demo dataset", integer(at_least(1))),
+    "demo_per_class_train": Field(64, "demo training images per class", integer(at_least(1))),
+    "demo_per_class_val": Field(16, "demo validation images per class", integer(at_least(1))),
+    "demo_img_size": Field(64, "side of the demo images in pixels", integer(at_least(8))),
+    # pipelines
+    "threads": Field(
+        0, "tf.data private thread pool size; 0: the cores this process may run on", integer(non_negative)
+    ),
+    "num_parallel": Field(
+        -1, "parallel decodes; -1: tf.data.AUTOTUNE (bounded by threads)", integer(at_least(1, or_=(-1,)))
+    ),
+    "prefetch": Field(2, "batches prefetched", integer(non_negative)),
+    "max_image_pixels": Field(
+        89_478_485,
+        "images whose header claims more pixels are skipped as unreadable, never decoded; 0: no limit",
+        integer(non_negative),
+    ),
+    "max_unreadable_in_a_row": Field(
+        1000,
+        "training stops (exit 2) when about this many images in a row cannot be read; 0: never",
+        integer(non_negative),
+    ),
+    "crop_scale": Field(
+        (0.2, 1.0), "random-resized-crop area range (fractions of the image)", range_pair(0, 1)
+    ),
+    "crop_ratio": Field((3 / 4, 4 / 3), "random-resized-crop aspect-ratio range", range_pair(0, None)),
+    "eval_crop_fraction": Field(
+        0.875,
+        "center crop of evaluation images (resize to img_size / it, then crop)",
+        lambda v: "" if _finite(v) and 0 < v <= 1 else "must be in (0, 1]",
+    ),
+    # fine-tuning only (dmt_jax/data/randaugment.py); distillation's one view is crop + flip
+    "randaugment": Field(
+        "", "timm RandAugment string (MAE fine-tuning: 'rand-m9-mstd0.5-inc1'); '': off", randaugment_spec
+    ),
+    "random_erasing": Field(
+        0.0, "probability of erasing one random box per image (MAE: 0.25)", between(0, 1)
+    ),
+}
+BASE_SCHEMA["data"] = DATA_SCHEMA
+
 
 def base_config() -> mc.ConfigDict:
-    c = mc.ConfigDict()
-    c.seed = 0
-    c.img_size = 224
-
-    # Student (METHOD.md 5): fixed sin-cos position embeddings by default, as in MAE.
-    c.student = mc.ConfigDict(
-        dict(variant="S/16", pos_embed="sincos", drop_path=0.0, num_reg_tokens=0, layerscale_init=-1.0)
-    )
-    # Teachers (METHOD.md 2): converted teacher directories (`dmt-convert`), or 'random:VARIANT@PX:SEED'
-    # for small in-process teachers with random weights (demo, benchmarks, tests).
-    c.teachers = ("",)
-    c.teacher_weights = ()  # empty: equal weights summing to 1
-    c.teacher_dtype = "bfloat16"
-
-    # Objective (METHOD.md 3-7).
-    c.mask_ratio = 0.75
-    c.head = "ln_linear"  # linear | ln_linear | mlp
-    c.head_mlp_ratio = 4.0
-    c.loss = "smooth_l1"  # smooth_l1 | mse | cosine
-    c.smooth_l1_beta = 1.0
-    c.cls_weight = -1.0  # < 0: CLS is one token among the others; else loss = w * CLS + (1 - w) * patches
-    c.target_norm_eps = 1e-6
-
-    # Optimization (METHOD.md 8).
-    c.batch_size = 4096  # global
-    c.epochs = 300.0
-    c.total_steps = -1  # > 0 overrides epochs
-    c.warmup_epochs = 20.0
-    c.warmup_steps = -1  # >= 0 overrides warmup_epochs
-    c.base_lr = 1.5e-4  # lr = base_lr * batch_size / 256
-    c.min_lr = 0.0
-    c.b1 = 0.9
-    c.b2 = 0.95
-    c.weight_decay = 0.05
-    c.grad_clip = -1.0  # > 0: clip by global norm
-    c.dtype = "bfloat16"  # matmuls; parameters are float32
-    c.attention = "auto"  # auto | xla | cudnn
-    c.remat = False
-    c.nonfinite = "stop"  # a non-finite loss never updates the params; then: stop | skip (go on)
-
-    # Scale (parallel.py): mesh axes (data, fsdp); -1 takes the remaining devices.
-    c.mesh = mc.ConfigDict(dict(data=-1, fsdp=1))
-    c.fsdp_min_size = 2**18  # parameters smaller than this stay replicated under fsdp
-    c.distributed = mc.ConfigDict(dict(coordinator_address="", num_processes=-1, process_id=-1, auto=True))
-
-    # Input.
-    c.data = data_config()
-
-    # Checkpoints, logs, evaluation.
-    c.checkpoint_every = 1000
-    c.keep_checkpoints = 3
-    c.log_every = 50
-    c.eval_every = 5000  # <= 0: only before and after training
-    c.evaluate = True  # False: no k-NN / alignment at all, not even at the end (tests, benchmarks)
-    c.knn_k = 20
-    c.knn_temperature = 0.07
-    c.linear_probe_steps = 300  # full-batch steps of a softmax probe on the k-NN splits; 0: no probe
-    c.eval_batch_size = 256
-    c.log_example_ids = False  # write workdir/example_ids.jsonl (tests of exact resume)
-    c.export_at_end = True  # the student as a timm state dict (safetensors)
-    c.profile_steps = ()  # e.g. (100, 110): a jax profiler trace over those steps
-    return c
+    return to_config(BASE_SCHEMA)
 
 
 def data_config() -> mc.ConfigDict:
     """Every data field (read by dmt_jax/data/config.py). The shuffle seed is the run's `seed`."""
-    config = mc.ConfigDict()
-    config.source = "demo"  # 'demo' | 'tfds' | 'folder'
+    return to_config(DATA_SCHEMA)
 
-    # tfds (array_record format; e.g. imagenet2012, see TfdsSource for the build command)
-    config.tfds_name = "imagenet2012"
-    config.tfds_data_dir = ""  # '' -> $TFDS_DATA_DIR or ~/tensorflow_datasets
-    config.train_split = "train"
-    config.knn_train_split = "train"
-    config.knn_eval_split = "validation"
-    config.image_key = "image"
-    config.label_key = "label"
 
-    # image folders: <dir>/<class>/<image>.{jpg,jpeg,png}
-    config.folder_train = ""
-    config.folder_knn_train = ""  # '' -> folder_train
-    config.folder_eval = ""
+def consistency_problems(c: mc.ConfigDict) -> list[str]:
+    """Problems between fields of a distillation config (each field alone passed its own check)."""
+    from dmt_jax.models.vit import parse_variant
 
-    # generated demo dataset, written on first use under demo_root/<a name made of its parameters>
-    config.demo_root = "~/.cache/dmt_jax/demo"
-    config.demo_num_classes = 10
-    config.demo_per_class_train = 64
-    config.demo_per_class_val = 16
-    config.demo_img_size = 64
+    problems = []
+    entries = [e for e in c.teachers if e]
+    if not entries:
+        problems.append("--config.teachers names no teacher: give converted teacher directories")
+    if c.teacher_weights and len(c.teacher_weights) != len(entries):
+        problems.append(
+            f"--config.teacher_weights has {len(c.teacher_weights)} entries for "
+            f"{len(entries)} teachers: give one per teacher, or () for equal weights"
+        )
+    if not vit_variant(c.student.variant):
+        patch = parse_variant(c.student.variant)["patch_size"]
+        if c.img_size % patch:
+            problems.append(
+                f"--config.img_size={c.img_size} is not a multiple of the student's patch size "
+                f"{patch} ({c.student.variant})"
+            )
+    if c.batch_size > 0 and c.base_lr > 0 and c.min_lr > c.base_lr * c.batch_size / 256:
+        problems.append(f"--config.min_lr={c.min_lr} is above the peak lr base_lr * batch_size / 256")
+    d = c.distributed
+    if d.coordinator_address and (d.num_processes < 1 or not 0 <= d.process_id < d.num_processes):
+        problems.append(
+            f"--config.distributed.coordinator_address={d.coordinator_address!r} also needs "
+            f"distributed.num_processes >= 1 and 0 <= distributed.process_id < num_processes "
+            f"(got {d.num_processes} and {d.process_id})"
+        )
+    if len(c.profile_steps) == 2 and c.total_steps > 0 and c.profile_steps[1] > c.total_steps:
+        problems.append(
+            f"--config.profile_steps={tuple(c.profile_steps)} ends after total_steps={c.total_steps}"
+        )
+    if c.data.source == "folder":
+        needed = ["folder_train"] + (["folder_eval"] if c.evaluate else [])
+        if missing := [f"data.{n}" for n in needed if not c.data[n]]:
+            problems.append(
+                f"--config.data.source='folder' needs {' and '.join(missing)}: folders of class folders"
+            )
+    return problems
 
-    # pipelines
-    config.threads = 0  # tf.data private thread pool size; 0 -> the cores this process may run on
-    config.num_parallel = -1  # parallel decodes; -1 -> tf.data.AUTOTUNE (bounded by threads)
-    config.prefetch = 2  # batches
-    config.crop_scale = (0.2, 1.0)
-    config.crop_ratio = (3 / 4, 4 / 3)
-    config.eval_crop_fraction = 0.875
-    return config
+
+# ---------------------------------------------------------------- fine-tuning (dmt_jax/finetune.py)
+
+
+def _default(name: str, value, schema: Mapping = BASE_SCHEMA) -> Field:
+    """A distillation field with another default: the fields both loops share keep one meaning and check."""
+    return dataclasses.replace(schema[name], default=value)
+
+
+# Defaults: MAE's ViT-B/16 fine-tuning recipe (He et al. 2022, Table 9 / main_finetune.py); the
+# configs/finetune_*.py recipes name their sources.
+FINETUNE_SCHEMA = {
+    "seed": BASE_SCHEMA["seed"],
+    "img_size": BASE_SCHEMA["img_size"],
+    "init": Field(
+        "",
+        "weights to start from: a distillation workdir (its newest checkpoint's student), a "
+        "student_timm.safetensors, or a converted teacher directory; '': random init",
+        text,
+    ),
+    "model": {
+        "variant": Field("B/16", "ViT NAME/PATCH; must match the init's shape when init is set", vit_variant),
+        "pos_embed": BASE_SCHEMA["student"]["pos_embed"],
+        "num_reg_tokens": BASE_SCHEMA["student"]["num_reg_tokens"],
+        "layerscale_init": BASE_SCHEMA["student"]["layerscale_init"],
+        "drop_path": Field(0.1, "stochastic depth rate (MAE ViT-B: 0.1)", between(0, 1, high_open=True)),
+        "global_pool": Field(
+            "avg",
+            "classifier input: avg (mean of patch tokens, then fc_norm; MAE) | token (CLS)",
+            one_of("avg", "token"),
+        ),
+        "head_init_std": Field(2e-5, "std of the classifier's initial weights (MAE: 2e-5)", positive),
+    },
+    "num_classes": Field(
+        -1, "classes of the classifier; -1: those of the training set", integer(at_least(1, or_=(-1,)))
+    ),
+    "batch_size": _default("batch_size", 1024),
+    "epochs": _default("epochs", 100.0),
+    "total_steps": BASE_SCHEMA["total_steps"],
+    "warmup_epochs": _default("warmup_epochs", 5.0),
+    "warmup_steps": BASE_SCHEMA["warmup_steps"],
+    "base_lr": _default("base_lr", 5e-4),
+    "min_lr": _default("min_lr", 1e-6),
+    "layer_decay": Field(
+        0.65, "layer-wise lr decay: block i of depth d trains at lr * decay^(d + 1 - (i + 1))", between(0, 1)
+    ),
+    "b1": BASE_SCHEMA["b1"],
+    "b2": _default("b2", 0.999),
+    "weight_decay": BASE_SCHEMA["weight_decay"],
+    "grad_clip": BASE_SCHEMA["grad_clip"],
+    "label_smoothing": Field(0.1, "label smoothing of the targets", between(0, 1, high_open=True)),
+    "mixup_alpha": Field(0.8, "Mixup beta(alpha, alpha); 0: off", non_negative),
+    "cutmix_alpha": Field(1.0, "CutMix beta(alpha, alpha); 0: off", non_negative),
+    "mixup_prob": Field(1.0, "probability that a batch is mixed at all", between(0, 1)),
+    "mixup_switch_prob": Field(
+        0.5, "probability of CutMix rather than Mixup when both are on", between(0, 1)
+    ),
+    "ema_decay": Field(
+        0.0, "> 0: also keep and evaluate an EMA of the weights (e.g. 0.9999)", between(0, 1, high_open=True)
+    ),
+    "dtype": BASE_SCHEMA["dtype"],
+    "attention": BASE_SCHEMA["attention"],
+    "remat": BASE_SCHEMA["remat"],
+    "nonfinite": BASE_SCHEMA["nonfinite"],
+    "mesh": BASE_SCHEMA["mesh"],
+    "fsdp_min_size": BASE_SCHEMA["fsdp_min_size"],
+    "distributed": BASE_SCHEMA["distributed"],
+    # Input: the distillation's data fields; train_split / folder_train is trained on, knn_eval_split /
+    # folder_eval is the validation split (center crop).
+    "data": {
+        **DATA_SCHEMA,
+        "crop_scale": _default("crop_scale", (0.08, 1.0), DATA_SCHEMA),
+        "randaugment": _default("randaugment", "rand-m9-mstd0.5-inc1", DATA_SCHEMA),
+        "random_erasing": _default("random_erasing", 0.25, DATA_SCHEMA),
+    },
+    "checkpoint_every": BASE_SCHEMA["checkpoint_every"],
+    "keep_checkpoints": BASE_SCHEMA["keep_checkpoints"],
+    "async_checkpoints": BASE_SCHEMA["async_checkpoints"],
+    "resume_allow_changes": Field(
+        False,
+        "resume even if the init or a training field (model, recipe, data, schedule) differ from the "
+        "checkpoint's record",
+        boolean,
+    ),
+    "log_every": BASE_SCHEMA["log_every"],
+    "eval_every": Field(
+        5000, "steps between top-1/top-5 evaluations; <= 0: only at the end", integer(finite)
+    ),
+    "eval_batch_size": BASE_SCHEMA["eval_batch_size"],
+    "export_at_end": Field(
+        True, "write the classifier as a timm state dict (safetensors) at the end", boolean
+    ),
+    "profile_steps": BASE_SCHEMA["profile_steps"],
+}
+
+
+def finetune_base_config() -> mc.ConfigDict:
+    return to_config(FINETUNE_SCHEMA)
+
+
+def finetune_imagenet_recipe(
+    variant: str, *, base_lr: float, layer_decay: float, epochs: float, drop_path: float
+) -> mc.ConfigDict:
+    """Fine-tuning on ImageNet-1K from tfds at 224 px, batch 1024: the finetune_vit_*.py recipes."""
+    c = finetune_base_config()
+    c.model.variant = variant
+    c.model.drop_path = drop_path
+    c.base_lr, c.layer_decay, c.epochs = base_lr, layer_decay, float(epochs)
+    c.data.source = "tfds"
+    c.data.tfds_name = "imagenet2012"
+    c.data.train_split = "train"
+    c.data.knn_eval_split = "validation"
+    return c
 
 
 # The paper's setting (METHOD.md): three ViT-B/16 teachers converted with `dmt-convert` into these

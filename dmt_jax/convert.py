@@ -17,13 +17,14 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from dmt_jax import formats
+from dmt_jax import formats, storage
+from dmt_jax.errors import UserError, os_error_message
 from dmt_jax.teachers import TeacherFileError, TeacherSpec, check_writable, save_teacher
 
 EXIT_BAD_INPUT = 2
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError, ValueError):
     """Bad input to the converter; the message is one line."""
 
 
@@ -79,11 +80,12 @@ def convert_checkpoint(
     """Converts `src` into the teacher directory `out`; ConversionError (one line) on any bad input."""
     import torch
 
-    out = Path(out)
+    out = storage.path(out) if storage.is_remote(out) else Path(out)  # gs://... stays a bucket path
     if fmt != "auto" and fmt not in formats.FORMATS:
         raise ConversionError(f"unknown format {fmt!r}; known formats: {', '.join(formats.FORMATS)}")
     try:
-        check_writable(out, overwrite)  # before reading a large file
+        if not storage.is_remote(out):  # a bucket is checked by save_teacher
+            check_writable(out, overwrite)  # before reading a large file
         ckpt = read_checkpoint(src)
         fmt = formats.detect_format(ckpt) if fmt == "auto" else fmt
         spec_format = formats.FORMATS[fmt]
@@ -111,6 +113,12 @@ def convert_checkpoint(
             )
             arch = dataclasses.replace(arch, grid=new_grid)
 
+        if bad := sorted(f"{k} ({v.dtype})" for k, v in backbone.items() if not v.is_floating_point()):
+            raise ConversionError(f"tensors that are not floating point: {formats.name_list(bad)}")
+        if bad := sorted(k for k, v in backbone.items() if not torch.isfinite(v).all()):
+            raise ConversionError(
+                f"tensors holding NaN or Inf: {formats.name_list(bad)}; the checkpoint is damaged"
+            )
         flat = formats.timm_to_flax({k: v.detach().float().cpu().numpy() for k, v in backbone.items()})
         spec = TeacherSpec.of_architecture(
             arch,
@@ -129,7 +137,7 @@ def convert_checkpoint(
     except (formats.FormatError, TeacherFileError) as e:
         raise ConversionError(_first_line(e)) from e
     except OSError as e:  # e.g. a full disk while writing OUT (the temp directory is removed)
-        raise ConversionError(f"cannot write {out}: {_first_line(e)}") from e
+        raise ConversionError(f"cannot write {out}: {os_error_message(e)}") from e
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -153,7 +161,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         spec = convert_checkpoint(args.src, args.out, args.format, args.img_size, args.overwrite)
-    except ConversionError as e:
+    except UserError as e:  # as in dmt_jax.main: a mistake the user can fix is one line, exit 2
         print(f"dmt-convert: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     print(

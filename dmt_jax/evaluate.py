@@ -7,6 +7,7 @@ output and its teacher's normalized targets on held-out images (same masking as 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 
 import jax
@@ -14,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dmt_jax import objective, parallel
+from dmt_jax.errors import UserError
 
 
 def make_eval_fns(setup):
@@ -47,87 +49,156 @@ def make_eval_fns(setup):
 
 
 def collect(fn, batches: Iterable[dict], mesh, *args):
-    """Run fn(*args, pixels) over eval batches; returns (outputs concatenated on host, labels)."""
+    """Run fn(*args, pixels) over eval batches; returns (outputs concatenated on host, labels).
+
+    Labels and the valid mask travel with the images as global arrays of the same sharding, so the
+    rows of every output line up with them whatever the mesh's device order; every process gets
+    the whole result (every process must call this).
+    """
     outs, labels = [], []
     for b in batches:
-        pixels = parallel.global_batch({"image": b["image"]}, mesh)["image"]
-        valid = np.asarray(_gather(b["valid"]))
-        y = fn(*args, pixels)
-        ys = y if isinstance(y, list | tuple) else [y]
-        outs.append([np.asarray(jax.device_get(_fully(v)))[valid] for v in ys])
-        labels.append(np.asarray(_gather(b["label"]))[valid])
+        batch = parallel.global_batch({k: b[k] for k in ("image", "label", "valid")}, mesh)
+        y = fn(*args, batch["image"])
+        ys = list(y) if isinstance(y, list | tuple) else [y]
+        host_ys, label, valid = parallel.to_host((ys, batch["label"], batch["valid"]))
+        valid = np.asarray(valid, bool)
+        outs.append([np.asarray(v)[valid] for v in host_ys])
+        labels.append(np.asarray(label)[valid])
     if not outs:
         raise ValueError("the evaluation split is empty")
     cols = [np.concatenate(c) for c in zip(*outs, strict=True)]
-    return (cols if len(cols) > 1 else cols[0]), np.concatenate(labels)
+    labels = np.concatenate(labels)
+    if not len(labels):  # every image was dropped as unreadable: k-NN of nothing is no result
+        raise UserError(
+            "no image of an evaluation split could be read (all undecodable or over data.max_image_pixels): "
+            "check its files"
+        )
+    return (cols if len(cols) > 1 else cols[0]), labels
 
 
-def _gather(x: np.ndarray) -> np.ndarray:
-    if jax.process_count() == 1:
-        return x
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(x)).reshape((-1,) + x.shape[1:])
-
-
-def _fully(x: jax.Array):
-    if jax.process_count() == 1 or x.is_fully_addressable:
-        return x
-    from jax.experimental import multihost_utils
-
-    return multihost_utils.process_allgather(x, tiled=True)
+def eval_batch_size(requested: int, device_count: int) -> int:
+    """The eval batch rounded up to a multiple of the device count (every device gets whole rows)."""
+    return -(-max(requested, 1) // device_count) * device_count
 
 
 def knn_top1(train_x, train_y, test_x, test_y, k: int = 20, temperature: float = 0.07, chunk: int = 1024):
-    """Weighted k-NN (cosine) top-1 accuracy, in percent."""
+    """Weighted k-NN (cosine) top-1 accuracy, in percent.
+
+    The bank goes to the device once, as an argument (never a compiled-in constant), and the queries
+    in chunks of one shape (the last one padded), so one program serves every chunk and call.
+    """
     num_classes = int(max(train_y.max(), test_y.max())) + 1
     k = min(k, len(train_x))
-    train = jnp.asarray(train_x / np.linalg.norm(train_x, axis=1, keepdims=True).clip(1e-12))
-    train_onehot = jax.nn.one_hot(jnp.asarray(train_y), num_classes)
-
-    @jax.jit
-    def predict(q):
-        q = q / jnp.linalg.norm(q, axis=1, keepdims=True).clip(1e-12)
-        sims, idx = jax.lax.top_k(q @ train.T, k)
-        votes = (jnp.exp(sims / temperature)[:, :, None] * train_onehot[idx]).sum(1)
-        return votes.argmax(-1)
-
+    bank = jnp.asarray(_unit_rows(np.asarray(train_x, np.float32)))
+    bank_y = jnp.asarray(train_y, jnp.int32)
+    chunk = min(chunk, len(test_x))
     correct = 0
     for i in range(0, len(test_x), chunk):
-        correct += int(
-            (np.asarray(predict(jnp.asarray(test_x[i : i + chunk]))) == test_y[i : i + chunk]).sum()
-        )
+        q = np.asarray(test_x[i : i + chunk], np.float32)
+        n = len(q)
+        q = np.pad(q, ((0, chunk - n), (0, 0)))
+        pred = np.asarray(_knn_predict(bank, bank_y, jnp.asarray(q), k, float(temperature), num_classes))
+        correct += int((pred[:n] == test_y[i : i + n]).sum())
     return 100.0 * correct / len(test_x)
+
+
+def _unit_rows(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=1, keepdims=True).clip(1e-12)
+
+
+@functools.partial(jax.jit, static_argnames=("k", "temperature", "num_classes"))
+def _knn_predict(bank, bank_y, q, k: int, temperature: float, num_classes: int):
+    q = q / jnp.linalg.norm(q, axis=1, keepdims=True).clip(1e-12)
+    sims, idx = jax.lax.top_k(q @ bank.T, k)
+    # One-hot of the k neighbours only ([Q, k, C]), not of the whole bank ([N, C]).
+    votes = (jnp.exp(sims / temperature)[:, :, None] * jax.nn.one_hot(bank_y[idx], num_classes)).sum(1)
+    return votes.argmax(-1)
 
 
 def linear_probe_top1(train_x, train_y, test_x, test_y, steps: int = 300, lr: float = 1e-2, wd: float = 1e-4):
     """Top-1 (percent) of a softmax classifier trained on frozen features, full batch, AdamW.
 
     Features are standardized with the training set's statistics (MAE's probe puts a BatchNorm
-    without affine parameters before its linear layer: the same thing, once).
+    without affine parameters before its linear layer: the same thing, once). The features are
+    arguments of the compiled program, not constants in it.
     """
-    import optax
-
     num_classes = int(max(train_y.max(), test_y.max())) + 1
     mean, std = train_x.mean(0), train_x.std(0) + 1e-6
-    x = jnp.asarray((train_x - mean) / std)
-    y = jnp.asarray(train_y)
-    params = {"w": jnp.zeros((x.shape[1], num_classes)), "b": jnp.zeros((num_classes,))}
+    x = jnp.asarray((train_x - mean) / std, jnp.float32)
+    params = _probe_train(x, jnp.asarray(train_y, jnp.int32), num_classes, steps, float(lr), float(wd))
+    logits = jnp.asarray((test_x - mean) / std, jnp.float32) @ params["w"] + params["b"]
+    return 100.0 * float((np.asarray(logits.argmax(-1)) == test_y).mean())
+
+
+@functools.partial(jax.jit, static_argnames=("num_classes", "steps", "lr", "wd"))
+def _probe_train(x, y, num_classes: int, steps: int, lr: float, wd: float):
+    import optax
+
     tx = optax.adamw(optax.cosine_decay_schedule(lr, steps), weight_decay=wd)
+    params = {"w": jnp.zeros((x.shape[1], num_classes)), "b": jnp.zeros((num_classes,))}
 
     def loss_fn(p):
         return optax.softmax_cross_entropy_with_integer_labels(x @ p["w"] + p["b"], y).mean()
 
+    def step(carry, _):
+        p, s = carry
+        updates, s = tx.update(jax.grad(loss_fn)(p), s, p)
+        return (optax.apply_updates(p, updates), s), None
+
+    (params, _), _ = jax.lax.scan(step, (params, tx.init(params)), None, length=steps)
+    return params
+
+
+# ---------------------------------------------------------------- feature similarity (CKA) and PCA maps
+
+
+def linear_cka(x, y, weights=None) -> jax.Array:
+    """Linear CKA (Kornblith et al., 2019) between two representations of the same rows, in [0, 1].
+
+    x [N, Dx], y [N, Dy]; `weights` [N] of 0/1 leaves rows out (padding). Invariant to rotations
+    and isotropic scaling of either side, so it compares what two encoders represent without any
+    head in between: ||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F) with column-centred Xc, Yc.
+    """
+    x, y = jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32)
+    w = jnp.ones(x.shape[0], jnp.float32) if weights is None else jnp.asarray(weights, jnp.float32)
+    count = jnp.maximum(w.sum(), 1.0)
+    x = (x - (w @ x) / count) * w[:, None]
+    y = (y - (w @ y) / count) * w[:, None]
+    cross = jnp.sum(jnp.square(y.T @ x))
+    return cross / jnp.maximum(jnp.linalg.norm(x.T @ x) * jnp.linalg.norm(y.T @ y), 1e-30)
+
+
+def make_token_fn(setup):
+    """Jitted (params, teacher_params, pixels, valid, picked) -> (CKA per teacher [K], patch tokens).
+
+    Tokens are the student encoder's on the whole image (no masking) and each teacher's final-norm
+    tokens, registers dropped: CLS + patches, the tokens the heads map between. CKA is taken over
+    every (image, token) row of the valid images. `picked` [n] selects the images whose patch tokens
+    come back, per model (teachers, then the student), for the PCA pictures.
+    """
+    cfg, stack, student = setup.config, setup.stack, setup.student
+    dtype = jnp.dtype(cfg.dtype)
+
+    def without_registers(tokens, r):
+        return jnp.concatenate([tokens[:, :1], tokens[:, 1 + r :]], axis=1).astype(jnp.float32)
+
     @jax.jit
-    def train(params):
-        def step(carry, _):
-            p, s = carry
-            updates, s = tx.update(jax.grad(loss_fn)(p), s, p)
-            return (optax.apply_updates(p, updates), s), None
+    def tokens_and_cka(params, teacher_params, pixels, valid, picked):
+        images = objective.normalize_pixels(pixels, objective.IMAGENET_MEAN, objective.IMAGENET_STD, dtype)
+        s = student.encoder.apply({"params": params["encoder"]}, images)
+        s = without_registers(s, student.encoder.num_reg_tokens)
+        teachers = [
+            without_registers(t, r)
+            for t, r in zip(stack.apply(teacher_params, pixels), stack.num_reg_tokens, strict=True)
+        ]
+        rows = jnp.repeat(valid.astype(jnp.float32), s.shape[1])
+        cka = [
+            linear_cka(s.reshape(-1, s.shape[-1]), t.reshape(-1, t.shape[-1]), rows)
+            if t.shape[1] == s.shape[1]
+            else jnp.float32(jnp.nan)  # different token grids: no row-to-row match
+            for t in teachers
+        ]
+        patches = [m[picked, 1:] for m in [*teachers, s]]
+        return jnp.stack(cka), patches
 
-        (params, _), _ = jax.lax.scan(step, (params, tx.init(params)), None, length=steps)
-        return params
-
-    params = train(params)
-    logits = jnp.asarray((test_x - mean) / std) @ params["w"] + params["b"]
-    return 100.0 * float((np.asarray(logits.argmax(-1)) == test_y).mean())
+    return tokens_and_cka

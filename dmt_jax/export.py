@@ -7,7 +7,10 @@ HWIO -> OIHW, LayerNorm scale -> weight). The file loads with
     model.load_state_dict(safetensors.torch.load_file(path), strict=True)
 
 where `kwargs` is what `export_timm` returns (also stored in the file's metadata as "timm_kwargs").
-Detection and segmentation frameworks that build timm ViTs take the same file.
+The metadata also holds "pretrained_cfg": timm's description of the expected input (input_size, mean,
+std, interpolation, crop_pct, num_classes, ...), which `timm.data.resolve_data_config` and
+`create_transform` turn into the matching preprocessing. Detection and segmentation frameworks that
+build timm ViTs take the same file.
 """
 
 from __future__ import annotations
@@ -20,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dmt_jax import formats
-from dmt_jax.teachers import flatten_params
+from dmt_jax import formats, storage
+from dmt_jax.teachers import IMAGENET_MEAN, IMAGENET_STD, flatten_params, give_default_permissions
 
 
 def timm_state_dict(params: Mapping) -> dict[str, np.ndarray]:
@@ -53,25 +56,74 @@ def timm_model_kwargs(state_dict: Mapping[str, np.ndarray], num_heads: int | Non
     )
 
 
+def timm_pretrained_cfg(
+    img_size: int,
+    *,
+    num_classes: int = 0,
+    mean=IMAGENET_MEAN,
+    std=IMAGENET_STD,
+    crop_pct: float = 0.875,
+    interpolation: str = "bilinear",
+    **extra,
+) -> dict:
+    """timm's pretrained_cfg for a ViT fed `img_size` px: what a timm user needs to preprocess its input.
+
+    Defaults are what dmt_jax evaluates with: ImageNet mean/std on [0, 1] pixels, resize to
+    img_size / crop_pct with antialiased bilinear interpolation, center crop. `extra` adds or
+    overrides fields (e.g. label_names for a classifier).
+    """
+    return dict(
+        input_size=[3, img_size, img_size],
+        fixed_input_size=True,
+        interpolation=interpolation,
+        crop_pct=crop_pct,
+        crop_mode="center",
+        mean=[float(v) for v in mean],
+        std=[float(v) for v in std],
+        num_classes=num_classes,
+        first_conv="patch_embed.proj",
+        classifier="head",
+        **extra,
+    )
+
+
 def export_timm(
-    params: Mapping, path: str | os.PathLike, *, num_heads: int | None = None, overwrite: bool = False
+    params: Mapping,
+    path: str | os.PathLike,
+    *,
+    num_heads: int | None = None,
+    overwrite: bool = False,
+    pretrained_cfg: Mapping | None = None,
 ) -> dict:
     """Writes the timm state dict of a student ViT to `path` (.safetensors), atomically; returns the
-    timm kwargs. `num_heads`: only for a width whose head count is not the standard one."""
-    from safetensors.numpy import save_file
-
-    path = Path(path)
-    if path.exists() and not overwrite:
+    timm kwargs. `num_heads`: only for a width whose head count is not the standard one.
+    `pretrained_cfg`: stored in the metadata; default `timm_pretrained_cfg(the model's img_size)`."""
+    if storage.path(path).exists() and not overwrite:
         raise FileExistsError(f"{path} already exists (pass overwrite=True to replace it)")
     state = timm_state_dict(params)
     kwargs = timm_model_kwargs(state, num_heads)
+    if pretrained_cfg is None:
+        pretrained_cfg = timm_pretrained_cfg(kwargs["img_size"], num_classes=kwargs["num_classes"])
+    save_timm_file(state, path, kwargs, pretrained_cfg)
+    return kwargs
+
+
+def save_timm_file(state: Mapping[str, np.ndarray], path: str | os.PathLike, kwargs: Mapping, pretrained_cfg):
+    """Writes a timm state dict with its kwargs and pretrained_cfg in the metadata, atomically."""
+    from safetensors.numpy import save, save_file
+
+    metadata = dict(format="pt", timm_kwargs=json.dumps(kwargs), pretrained_cfg=json.dumps(pretrained_cfg))
+    if storage.is_remote(path):  # a bucket object appears whole or not at all: already atomic
+        storage.path(path).write_bytes(save(dict(state), metadata=metadata))
+        return
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     os.close(fd)
     try:
-        save_file(state, tmp, metadata={"format": "pt", "timm_kwargs": json.dumps(kwargs)})
+        save_file(state, tmp, metadata=metadata)
+        give_default_permissions(tmp)  # mkstemp made it 0600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return kwargs

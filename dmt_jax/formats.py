@@ -19,10 +19,11 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from dmt_jax.errors import UserError
 from dmt_jax.teachers import IMAGENET_MEAN, IMAGENET_STD, num_heads_for_width, variant_name
 
 
-class FormatError(ValueError):
+class FormatError(UserError, ValueError):
     """A checkpoint that does not fit its format or a ViT; the message is one line."""
 
 
@@ -69,8 +70,10 @@ class Architecture:
 # ---------------------------------------------------------------- timm <-> Flax names
 
 COPY, LINEAR, CONV = "copy", "linear", "conv"
-_TO_FLAX = {COPY: lambda a: a, LINEAR: lambda a: a.T, CONV: lambda a: a.transpose(2, 3, 1, 0)}  # OIHW->HWIO
-_TO_TIMM = {COPY: lambda a: a, LINEAR: lambda a: a.T, CONV: lambda a: a.transpose(3, 2, 0, 1)}  # HWIO->OIHW
+# How a tensor's layout changes with its kind (COPY, LINEAR, CONV) between the two conventions; public for
+# tables of names beyond NAME_TABLE (the classifier's head in dmt_jax/finetune.py).
+TO_FLAX = {COPY: lambda a: a, LINEAR: lambda a: a.T, CONV: lambda a: a.transpose(2, 3, 1, 0)}  # OIHW->HWIO
+TO_TIMM = {COPY: lambda a: a, LINEAR: lambda a: a.T, CONV: lambda a: a.transpose(3, 2, 0, 1)}  # HWIO->OIHW
 
 _D = lambda a: (a.width,)
 _KERNEL = lambda a: (a.width, 3, a.patch_size, a.patch_size)
@@ -132,12 +135,12 @@ def _rename(state: Mapping[str, Any], rules, changes, direction: str) -> dict[st
 
 def timm_to_flax(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     """timm-named backbone tensors -> flat Flax paths ('blocks_0/attn/qkv/kernel'), arrays rearranged."""
-    return _rename(state_dict, _TIMM_TO_FLAX, _TO_FLAX, "Flax")
+    return _rename(state_dict, _TIMM_TO_FLAX, TO_FLAX, "Flax")
 
 
 def flax_to_timm(flat_params: Mapping[str, Any]) -> dict[str, Any]:
     """Flat Flax paths -> timm names, arrays rearranged (Linear transposed, conv HWIO -> OIHW)."""
-    return _rename(flat_params, _FLAX_TO_TIMM, _TO_TIMM, "timm")
+    return _rename(flat_params, _FLAX_TO_TIMM, TO_TIMM, "timm")
 
 
 def expected_timm_shapes(arch: Architecture) -> dict[str, tuple[int, ...]]:
@@ -167,6 +170,13 @@ def infer_architecture(state_dict: Mapping[str, Any]) -> Architecture:
     depths = {int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k))}
     if not depths:
         raise FormatError("the checkpoint has no transformer blocks (no blocks.N.* tensors)")
+    # Depth is what the file holds, never what its largest block number claims (blocks.99999999.*).
+    if extra := sorted(depths - set(range(len(depths)))):
+        missing = sorted(set(range(len(depths))) - depths)
+        raise FormatError(
+            f"transformer blocks are not numbered 0..{len(depths) - 1}: {len(depths)} blocks found, "
+            f"blocks {name_list(missing)} missing, blocks {name_list(extra)} beyond them"
+        )
     if "blocks.0.mlp.fc1.weight" not in state_dict:
         raise FormatError("missing tensors: blocks.0.mlp.fc1.weight")
     regs = tuple(state_dict["reg_token"].shape)[1] if "reg_token" in state_dict else 0
@@ -182,7 +192,7 @@ def infer_architecture(state_dict: Mapping[str, Any]) -> Architecture:
         )
     return Architecture(
         width=width,
-        depth=max(depths) + 1,
+        depth=len(depths),
         mlp_dim=tuple(state_dict["blocks.0.mlp.fc1.weight"].shape)[0],
         patch_size=patch,
         grid=grid,

@@ -15,7 +15,20 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from dmt_jax import checkpoint, data, evaluate, flops, parallel, train
+from dmt_jax import (
+    checkpoint,
+    data,
+    errors,
+    evaluate,
+    flops,
+    parallel,
+    pictures,
+    run_record,
+    storage,
+    summary,
+    train,
+    workdir_lock,
+)
 
 
 class Preemption:
@@ -55,6 +68,12 @@ class Preemption:
         if self.multi:
             return step % self.agree_every == 0 and _on_any_process(self.requested)
         return self.requested
+
+    def watch_input(self, train_input):
+        """A wait for input ends in data.StopRequested once a stop is requested (see next_batch). Not with
+        several processes: they must stop at one agreed step, so they wait for input."""
+        if not self.multi:
+            train_input.stop_requested = lambda: self.requested
 
     def close(self):
         for sig, handler in self._previous.items():
@@ -98,6 +117,10 @@ def _open_ids_log(workdir: str):
     Line-buffered, so every step up to a checkpoint is on disk when the checkpoint is; a resumed
     run writes its steps again after it (the later line wins).
     """
+    if storage.is_remote(workdir):  # a bucket object cannot be appended to line by line
+        raise errors.UserError(
+            f"--config.log_example_ids=True needs a local --workdir (got {workdir}); turn it off for a bucket"
+        )
     path = os.path.join(workdir, f"example_ids.p{jax.process_index()}.jsonl")
     if os.path.exists(path):
         with open(path, "rb+") as f:
@@ -139,21 +162,26 @@ class Progress:
         return out
 
 
+def eval_batches(cfg, cache: dict, role: str):
+    """One evaluation pass over a split role ('knn_train', 'knn_eval'); its source is made once, in cache."""
+    if role not in cache:
+        cache[role] = data.make_source(cfg.data, role)
+    return data.make_eval_input(
+        cfg.data,
+        cache[role],
+        global_batch=evaluate.eval_batch_size(cfg.eval_batch_size, jax.device_count()),
+        img_size=cfg.img_size,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+
+
 def run_eval(setup, state, fns, cache: dict, step: int) -> dict[str, float]:
     """k-NN and linear-probe top-1 of the student (and of each teacher, once), per-teacher alignment."""
     cfg, mesh = setup.config, setup.mesh
 
     def batches(role):
-        if role not in cache:
-            cache[role] = data.make_source(cfg.data, role)
-        return data.make_eval_input(
-            cfg.data,
-            cache[role],
-            global_batch=cfg.eval_batch_size,
-            img_size=cfg.img_size,
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
-        )
+        return eval_batches(cfg, cache, role)
 
     out = {}
     s_train, y_train = evaluate.collect(fns["student"], batches("knn_train"), mesh, state.params)
@@ -183,10 +211,6 @@ def run_eval(setup, state, fns, cache: dict, step: int) -> dict[str, float]:
     )
     for k, v in enumerate(np.asarray(align).mean(0)):
         out[f"alignment/teacher_{k}"] = float(v)
-    if jax.process_index() == 0:
-        print(
-            f"eval at step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(out.items())), flush=True
-        )
     return out
 
 
@@ -197,18 +221,41 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     final or the preemption checkpoint cannot be written; a failed periodic save is reported and
     training goes on (the next save retries).
     """
+    _use_compilation_cache(config.compilation_cache_dir)
+    return with_workdir_lock(workdir, _train_and_evaluate_locked, config, workdir)
+
+
+def with_workdir_lock(workdir: str, run, *args):
+    """run(*args) holding the workdir's lock (process 0 takes it, the others share it), taken before
+    anything else is written: a second run on this workdir would replace this one's files."""
+    storage.path(workdir).mkdir(parents=True, exist_ok=True)
+    lock = workdir_lock.WorkdirLock(workdir).acquire() if jax.process_index() == 0 else None
+    try:
+        return run(*args)
+    finally:
+        if lock:
+            lock.release()
+
+
+def _use_compilation_cache(directory: str):
+    """JAX's persistent compilation cache in `directory` ('' leaves JAX's setting alone). Set before the
+    first compile: the demo's compiles (its teachers, step and evaluation) are then free on a rerun."""
+    if directory:
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(directory))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def _train_and_evaluate_locked(config, workdir: str) -> dict[str, float]:
     from clu import metric_writers  # imports TensorFlow's summary writer: kept out of the step's path
 
-    os.makedirs(workdir, exist_ok=True)
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
     train_source = data.make_source(config.data, "train")
     setup = train.build(config, mesh, num_train_examples=len(train_source))
+    _say(summary.describe_run(setup, train_source))
     parallel.local_batch_size(config.batch_size)  # fails early, with a message, on an indivisible batch
-    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), config.keep_checkpoints)
-    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
+    ckpt = checkpoint.for_run(workdir, config)
+    events = storage.EventsDir(workdir)  # TensorFlow's writer reaches a bucket, but not an emulated one
+    writer = metric_writers.create_default_writer(events.local, just_logging=jax.process_index() > 0)
     preemption = Preemption(agree_every=config.log_every)
     ids_file = _open_ids_log(workdir) if config.log_example_ids else None
     try:
@@ -218,18 +265,86 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
             ids_file.close()
         preemption.close()
         writer.flush()
+        events.close()
         ckpt.close()
 
 
 def _train(setup, ckpt, writer, preemption, ids_file, train_source, workdir) -> dict[str, float]:
     config, mesh = setup.config, setup.mesh
+    # A resume must continue the same run: same teachers (by content), same training fields.
+    fingerprints = setup.teacher_fingerprints
+    state, train_input, record = resume_or_start(setup, ckpt, train_source, workdir, fingerprints)
+    start = int(state.step)
+
+    final, eval_every = {}, config.eval_every if config.evaluate else 0
+    evaluations = _Evaluations(setup, writer, workdir) if config.evaluate else None
+    if start == 0 and evaluations:
+        evaluations.run(state, 0)
+    progress = Progress(setup.steps, start, config.batch_size, setup.flops_per_image())
+    books = Books(config, ckpt, writer, progress, train_input)
+    books.record = record
+    preemption.watch_input(train_input)
+    pending, profile = [], tuple(config.profile_steps)
+    batches = iter(train_input)
+    # The first step compiles (seconds to minutes) before the first progress line: say so.
+    _say(f"training from step {start}; the first step compiles, then a line every {config.log_every} steps")
+
+    for step in range(start, setup.steps):
+        if profile and step == profile[0]:
+            jax.profiler.start_trace(os.path.join(workdir, "profile"))
+        batch = next_batch(batches, books, step, state)
+        if batch is None:
+            break
+        global_batch = parallel.global_batch({"image": batch["image"]}, mesh)
+        state, metrics = setup.step(state, setup.teacher_params, global_batch)
+        pending.append(metrics)
+        done = step + 1
+        if ids_file:
+            ids_file.write(json.dumps({"step": done, "ids": [int(i) for i in batch["id"]]}) + "\n")
+        if profile and done == profile[1]:
+            jax.profiler.stop_trace()
+
+        last = done == setup.steps
+        if log_save_or_stop(books, preemption, state, done, last, pending):
+            break
+        if eval_every > 0 and done % eval_every == 0 and not last:
+            evaluations.run(state, done)
+    else:
+        if evaluations:
+            final = evaluations.run(state, int(state.step))
+        if config.export_at_end:
+            from dmt_jax import export
+
+            path = os.path.join(workdir, "student_timm.safetensors")
+            encoder = parallel.to_host(state.params["encoder"])  # every process: shards may span hosts
+            if jax.process_index() == 0:
+                heads = setup.student.encoder.num_heads
+                cfg = export.timm_pretrained_cfg(config.img_size, crop_pct=config.data.eval_crop_fraction)
+                export.export_timm(encoder, path, num_heads=heads, overwrite=True, pretrained_cfg=cfg)
+                print(f"student exported for timm/PyTorch: {path}", flush=True)
+    return final
+
+
+def resume_or_start(setup, ckpt, train_source, workdir: str, fingerprints=()):
+    """(state, train_input, record) of the newest checkpoint (its state and input position) or of a fresh
+    start. A resume must continue the same run: run_record.check_resume refuses other `fingerprints`
+    (content hashes of what the run reads, e.g. teachers) or changed training fields. config.json is
+    written only after that check: a refused resume leaves the one of its checkpoints. The record is
+    what every checkpoint stores (Books.record)."""
+    config = setup.config
     restored = ckpt.restore_latest(setup.abstract_state)
     if restored:
         state, data_item = restored
         _say(f"resuming from the checkpoint at step {int(state.step)} in {ckpt.directory}")
     else:
         state, data_item = setup.init_state(jax.random.PRNGKey(config.seed)), None
-    start = int(state.step)
+    start, num_examples = int(state.step), len(train_source)
+    saved_record = (data_item or {}).get("record")
+    changes = run_record.check_resume(saved_record, config, fingerprints, start, num_examples, ckpt.directory)
+    if changes:
+        _say(f"resuming with changed config fields: {'; '.join(changes)}")
+    if jax.process_index() == 0:
+        storage.write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
     train_input = data.make_train_input(
         config.data,
         train_source,
@@ -241,81 +356,85 @@ def _train(setup, ckpt, writer, preemption, ids_file, train_source, workdir) -> 
         step=start,
         saved_state=checkpoint.saved_input_state(data_item),
     )
+    return state, train_input, run_record.make_record(config, fingerprints, num_examples)
 
-    final, eval_every = {}, config.eval_every if config.evaluate else 0
-    evaluations = _Evaluations(setup, writer, workdir) if config.evaluate else None
-    if start == 0 and evaluations:
-        evaluations.run(state, 0)
-    progress = Progress(setup.steps, start, config.batch_size, setup.flops_per_image())
-    books = _Books(config, ckpt, writer, progress, train_input)
-    pending, profile = [], tuple(config.profile_steps)
-    batches = iter(train_input)
 
-    for step in range(start, setup.steps):
-        if profile and step == profile[0]:
-            jax.profiler.start_trace(os.path.join(workdir, "profile"))
-        batch = next(batches)
-        global_batch = parallel.global_batch({"image": batch["image"]}, mesh)
-        state, metrics = setup.step(state, setup.teacher_params, global_batch)
-        pending.append(metrics)
-        done = step + 1
-        if ids_file:
-            ids_file.write(json.dumps({"step": done, "ids": [int(i) for i in batch["id"]]}) + "\n")
-        if profile and done == profile[1]:
-            jax.profiler.stop_trace()
+def next_batch(batches, books, step: int, state):
+    """The next training batch, or None when a stop was requested while waiting for it (SIGTERM / Ctrl-C
+    while the input was slow or stuck; Preemption.watch_input): a checkpoint at `step` is then saved."""
+    try:
+        return next(batches)
+    except data.StopRequested:
+        books.save(step, state, must_succeed=True)
+        _say(f"stop requested while waiting for input: checkpoint at step {step}; run again to resume")
+        return None
 
-        last = done == setup.steps
-        if done % config.log_every == 0 or last:
-            books.log(done, jax.device_get(pending))  # the only host sync, once per log interval
-            pending = []
-        stop = preemption.should_stop(done)
-        if done % config.checkpoint_every == 0 or last or stop:
-            books.save(done, state, must_succeed=last or stop)
-        if stop:
-            _say(
-                f"stop requested: checkpoint at step {done} saved; run again with the same workdir to resume"
-            )
-            break
-        if eval_every > 0 and done % eval_every == 0 and not last:
-            evaluations.run(state, done)
-    else:
-        if evaluations:
-            final = evaluations.run(state, int(state.step))
-        if config.export_at_end and jax.process_index() == 0:
-            from dmt_jax import export
 
-            path = os.path.join(workdir, "student_timm.safetensors")
-            encoder = jax.device_get(state.params["encoder"])
-            export.export_timm(encoder, path, num_heads=setup.student.encoder.num_heads, overwrite=True)
-            print(f"student exported for timm/PyTorch: {path}", flush=True)
-    return final
+def log_save_or_stop(books, preemption, state, done: int, last: bool, pending: list) -> bool:
+    """After step `done`: logs (and empties) `pending` at a log step, checkpoints at a checkpoint step, the
+    last step or a stop request; True when a stop was requested (its checkpoint saved, and said)."""
+    config = books.config
+    if done % config.log_every == 0 or last:
+        books.log(done, jax.device_get(pending))  # the only host sync, once per log interval
+        pending.clear()
+    stop = preemption.should_stop(done)
+    if done % config.checkpoint_every == 0 or last or stop:
+        books.save(done, state, must_succeed=last or stop)
+    if stop:
+        _say(f"stop requested: checkpoint at step {done} saved; run again with the same workdir to resume")
+    return stop
 
 
 class _Evaluations:
-    """run_eval at a step, its metrics to TensorBoard and, one JSON line per evaluation, to eval.jsonl."""
+    """run_eval and CKA at a step, to the console, TensorBoard and (one JSON line each) eval.jsonl; the
+    PCA feature maps to TensorBoard's images and workdir/pictures/step_<N>.png."""
 
     def __init__(self, setup, writer, workdir: str):
-        self.setup, self.writer = setup, writer
+        self.setup, self.writer, self.workdir = setup, writer, workdir
         self.path = os.path.join(workdir, "eval.jsonl")
         self.fns, self.cache = evaluate.make_eval_fns(setup), {}
+        self.token_fn, self.sample = evaluate.make_token_fn(setup), None
 
     def run(self, state, step: int) -> dict[str, float]:
+        if self.sample is None:  # the first evaluation also compiles its functions: say why it takes a while
+            _say(f"evaluating at step {step}: k-NN, linear probe, alignment, CKA, PCA pictures")
         out = run_eval(self.setup, state, self.fns, self.cache, step)
+        cka, patches = self._tokens(state)
+        out.update({f"cka/teacher_{k}": float(v) for k, v in enumerate(cka)})
+        _say(f"eval at step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(out.items())))
+        if len(self.sample["pixels"]) and jax.process_index() == 0:
+            titles = pictures.column_titles(len(patches) - 1)
+            grid = pictures.pca_grid(self.sample["pixels"], patches, titles)
+            pictures.save_png(grid, os.path.join(self.workdir, "pictures", f"step_{step}.png"))
+            self.writer.write_images(step, {"pca_feature_maps": grid[None]})
         self.writer.write_scalars(step, out)
         if jax.process_index() == 0:
-            with open(self.path, "a") as f:
-                f.write(json.dumps({"step": step, **out}) + "\n")
+            storage.append_line(self.path, json.dumps({"step": step, **out}))
         return out
 
+    def _tokens(self, state):
+        """CKA per teacher on the first evaluation batch, and the patch tokens of its picture images."""
+        cfg = self.setup.config
+        if self.sample is None:  # the same images at every evaluation
+            first = next(iter(eval_batches(cfg, self.cache, "knn_eval")))
+            batch = parallel.global_batch({k: first[k] for k in ("image", "label", "valid")}, self.setup.mesh)
+            pixels, labels, valid = parallel.to_host((batch["image"], batch["label"], batch["valid"]))
+            rows = np.flatnonzero(valid)
+            picked = rows[pictures.pick_images(labels[rows], cfg.pca_pictures)]
+            self.sample = dict(batch, picked=picked, pixels=pixels[picked])
+        s = self.sample
+        args = (state.params, self.setup.teacher_params, s["image"], s["valid"], s["picked"])
+        return parallel.to_host(self.token_fn(*args))
 
-class _Books:
+
+class Books:
     """What the loop writes down at log and checkpoint steps, and what it must remember between them."""
 
     def __init__(self, config, ckpt, writer, progress, train_input):
         self.config, self.ckpt, self.writer = config, ckpt, writer
         self.progress, self.input = progress, train_input
-        self.last_saved = (ckpt.steps() or [0])[-1]
         self.skipped = 0  # non-finite steps so far (this session)
+        self.record = None  # run_record.make_record: stored in every checkpoint
 
     def log(self, done: int, host: list[dict]):
         bad_steps = [done - len(host) + i + 1 for i, m in enumerate(host) if m["nonfinite"]]
@@ -334,15 +453,24 @@ class _Books:
         self.writer.write_scalars(done, scalars)
 
     def save(self, done: int, state, must_succeed: bool):
-        """A failed periodic save is reported and training goes on (the next save retries); the last save,
-        or a preemption's, has no later one to retry: the run stops with exit code 1."""
-        if self.ckpt.save(done, state, self.input.state()):
-            self.last_saved = done
-        elif must_succeed:
+        """A periodic save is written in the background (async_checkpoints) while training goes on; if it
+        fails, the next save says so and training goes on (that save retries). The last save, or a
+        preemption's, is waited for and has no later one to retry: if it fails, the run stops with exit
+        code 1."""
+        if done in self.ckpt.steps():  # saved, or being saved, already: a stop right after a checkpoint
+            saved = self.ckpt.finish() if must_succeed else True
+        else:
+            saved = self.ckpt.save(done, state, self.input.state(), self.record, wait=must_succeed)
+        if not saved and must_succeed:
+            # What to do depends on why (a full disk, a read-only directory), not on where it failed.
+            error = self.ckpt.last_error
+            fix = (errors.remedy(error) if error else "") or "fix the cause above"
             _fail(
                 f"the checkpoint at step {done} could not be written (see above); newest checkpoint: "
-                f"{self._newest()}. Free space and run again to continue from it"
+                f"{self._newest()}. {fix[0].upper()}{fix[1:]} and run again to continue from it"
             )
 
     def _newest(self) -> str:
-        return f"step {self.last_saved} in {self.ckpt.directory}" if self.last_saved else "none yet"
+        self.ckpt.finish()  # a save still in flight counts once it is written
+        steps = self.ckpt.steps()
+        return f"step {steps[-1]} in {self.ckpt.directory}" if steps else "none yet"

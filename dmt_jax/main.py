@@ -4,29 +4,38 @@ Without --config it runs the demo (configs/demo.py). A run started on a workdir 
 checkpoints resumes from the newest readable one. Multi-process runs start the same command on every
 host (see parallel.initialize_distributed).
 
+Before anything is built or written, one validation pass (dmt_jax/validate.py) checks every config
+field, the devices, the dataset, the teachers and the workdir, and reports every problem at once.
+`--help` lists every config field with its default and meaning (from the schema, dmt_jax/config.py).
+
 Exit codes: 0 done or stopped by SIGTERM/SIGINT after a checkpoint; 1 the run failed (a non-finite
-loss under nonfinite='stop', a checkpoint that could not be written at the end, or a bug, with its
-traceback); 2 a mistake in the command, the config or the files it names, said in one line.
+loss under nonfinite='stop', a checkpoint that could not be written at the end, a full or read-only
+disk, each said in one line; or a bug, with its traceback); 2 a mistake in the command, the config or
+the files it names (a dmt_jax.errors.UserError), one line per problem.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow (input pipeline only) stays quiet
+from absl import app, flags, logging
+from ml_collections import config_flags
 
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from dmt_jax.errors import UserError, os_error_message  # importing dmt_jax quiets TensorFlow's start-up
 
 _REPO_DEMO = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.py")
 _CONFIG_ARG = re.compile(r"^--?config(=|$)")
 
-# Mistakes a user can fix get one line and exit code 2; anything else is a bug and keeps its traceback.
-USER_ERRORS = (FileNotFoundError, NotADirectoryError, ValueError, KeyError)
+_HELP_ARGS = ("-h", "--help", "-help", "--helpshort", "--helpfull", "-?")
+# A failed write for one of these reasons is the machine's state, not a bug: one line, exit 1.
+_ENVIRONMENT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)
 
 _flags = {}  # defined by run(), not at import: config_flags reads the recipe as soon as it is defined
+# What run() starts: the distillation by default; dmt_jax/finetune.py passes its own recipe, schema and loop.
+_entry = {"default_config": _REPO_DEMO, "schema": None, "train": None, "fields": None, "check": None}
 
 
 def main(argv):
@@ -37,25 +46,44 @@ def main(argv):
     workdir, config = _flags["workdir"].value, _flags["config"].value
     if not workdir:
         _user_error("--workdir is required: the directory for checkpoints, logs and exports")
-    from dmt_jax import loop, parallel  # after flag parsing: keeps --help fast
+    from dmt_jax import loop, parallel, validate  # after flag parsing: keeps --help fast
 
     logging.set_verbosity(logging.WARNING)
+    # Only mistakes a user can fix (UserError) become one line and exit 2; any other exception is a bug
+    # and keeps its traceback (exit 1), except a write that failed for the machine's state (a full disk).
     try:
-        parallel.initialize_distributed(config.distributed)
-        loop.train_and_evaluate(config, workdir)
-    except USER_ERRORS as e:
-        _user_error(e.args[0] if e.args else str(e))
+        check = _entry["check"] or (validate.check_run if _entry["train"] is None else None)
+        if check:  # validates everything, then joins the multi-process run (the device count needs it)
+            check(config, workdir)
+        else:
+            parallel.initialize_distributed(config.distributed)
+        (_entry["train"] or loop.train_and_evaluate)(config, workdir)
+    except UserError as e:
+        _user_error(*e.problems)
+    except OSError as e:
+        if e.errno not in _ENVIRONMENT_ERRNOS:
+            raise
+        print(f"error: {os_error_message(e)}", file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
-def run(argv=None):
+def run(argv=None, *, default_config: str = _REPO_DEMO, schema=None, train=None, fields=None, check=None):
+    """Parses the flags and runs `train(config, workdir)` (default: the distillation), the recipe's
+    fields checked against `schema()` (default: config.base_config); `fields` (a Field schema, default
+    config.BASE_SCHEMA) gives --help, and `check(config, workdir)` (default: validate.check_run for
+    the distillation) validates the run and joins a multi-process run before `train`."""
+    _entry.update(default_config=default_config, schema=schema, train=train, fields=fields, check=check)
     argv = list(sys.argv if argv is None else argv)
+    if any(a in _HELP_ARGS for a in argv[1:]):
+        _print_help(full="--helpfull" in argv[1:])
+        sys.exit(0)
     # Name the demo explicitly when --config is absent: config_flags then reads the recipe inside
     # FLAGS(argv), where _parse_flags catches its errors, instead of at definition.
     if not any(_CONFIG_ARG.match(a) for a in argv[1:]):
-        argv.insert(1, f"--config={_REPO_DEMO}")
+        argv.insert(1, f"--config={default_config}")
     if not _flags:
         _flags["config"] = config_flags.DEFINE_config_file(
-            "config", _REPO_DEMO, "Recipe file (configs/*.py).", lock_config=True, sys_argv=argv
+            "config", default_config, "Recipe file (configs/*.py).", lock_config=True, sys_argv=argv
         )
         _flags["workdir"] = flags.DEFINE_string(
             "workdir", None, "Directory for checkpoints, TensorBoard events and exports."
@@ -97,11 +125,11 @@ def _check_schema(config, config_file: str):
     from dmt_jax.config import base_config, unknown_fields
 
     try:
-        found = unknown_fields(config, base_config())
+        found = unknown_fields(config, (_entry["schema"] or base_config)())
     except OSError as e:  # config_flags defers a recipe that failed to load to its first use
         _user_error(str(e).strip())  # several lines: they say where the file went wrong
-    for msg in found:
-        _user_error(f"{msg} (set in {config_file})")
+    if found:  # every typo of the file at once
+        _user_error(*[f"{msg} (set in {config_file})" for msg in found])
 
 
 def _config_file(argv) -> str:
@@ -109,7 +137,7 @@ def _config_file(argv) -> str:
         if _CONFIG_ARG.match(arg):
             value = arg.split("=", 1)[1] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else "")
             return value.split(":", 1)[0]
-    return _REPO_DEMO
+    return _entry["default_config"]
 
 
 def _load_recipe(path: str):
@@ -122,8 +150,31 @@ def _load_recipe(path: str):
         return None
 
 
-def _user_error(msg: str):
-    print(f"error: {msg}", file=sys.stderr, flush=True)
+def _print_help(full: bool):
+    """Usage, the two flags and every config field with its default and meaning, from the schema."""
+    from dmt_jax import config as config_lib
+
+    spec = getattr(sys.modules["__main__"], "__spec__", None)
+    module = spec.name if spec else "dmt_jax.main"
+    default = os.path.relpath(_entry["default_config"])
+    lines = [
+        f"usage: python -m {module} --config=RECIPE --workdir=DIR [--config.FIELD=VALUE ...]",
+        "",
+        "flags:",
+        f"  --config   recipe file, configs/*.py (default: {default})",
+        "  --workdir  directory for checkpoints, TensorBoard events, config.json and exports (required)",
+        "",
+        "config fields (--config.FIELD=VALUE; defaults of dmt_jax/config.py, which a recipe may change):",
+        *config_lib.help_lines(_entry["fields"] or config_lib.BASE_SCHEMA),
+    ]
+    print("\n".join(lines))
+    if full:
+        print("\nabsl flags:\n" + flags.FLAGS.get_help())
+
+
+def _user_error(*problems: str):
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr, flush=True)
     sys.exit(2)
 
 

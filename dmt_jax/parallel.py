@@ -15,6 +15,8 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from dmt_jax.errors import UserError
+
 BATCH_AXES = ("data", "fsdp")
 
 
@@ -31,7 +33,7 @@ def initialize_distributed(cfg) -> str:
         return "already initialized"
     if cfg.coordinator_address:
         if cfg.num_processes < 1 or not 0 <= cfg.process_id < cfg.num_processes:
-            raise ValueError(
+            raise UserError(
                 f"distributed.coordinator_address={cfg.coordinator_address!r} also needs "
                 f"distributed.num_processes >= 1 and 0 <= distributed.process_id < num_processes "
                 f"(got {cfg.num_processes} and {cfg.process_id})"
@@ -78,19 +80,29 @@ def _on_cloud_tpu_vm() -> bool:
 
 def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
     devices = list(jax.devices() if devices is None else devices)
-    n = len(devices)
+    data, fsdp = mesh_shape(data, fsdp, len(devices))
+    # Topology-aware device order on TPU (rings along the axes); nothing relies on the order:
+    # evaluation labels travel with their images (evaluate.collect).
+    auto = (jax.sharding.AxisType.Auto,) * len(BATCH_AXES)
+    return jax.make_mesh((data, fsdp), BATCH_AXES, axis_types=auto, devices=devices)
+
+
+def mesh_shape(data: int, fsdp: int, n: int) -> tuple[int, int]:
+    """(data, fsdp) for n devices, -1 taking the remaining ones; UserError when they do not use n."""
     if data == -1 and fsdp == -1:
-        raise ValueError("mesh: at most one of data, fsdp may be -1")
+        raise UserError(
+            "--config.mesh.data and mesh.fsdp are both -1: at most one takes the remaining devices"
+        )
     if data == -1:
         data = n // fsdp
     if fsdp == -1:
         fsdp = n // data
-    if data * fsdp != n:
-        raise ValueError(
-            f"mesh data={data} x fsdp={fsdp} does not use the {n} devices: set --config.mesh.data"
+    if data < 1 or fsdp < 1 or data * fsdp != n:
+        raise UserError(
+            f"--config.mesh.data={data} x mesh.fsdp={fsdp} does not use the {n} devices: their product "
+            f"must be {n} (-1 takes the remaining devices)"
         )
-    device_grid = np.asarray(devices).reshape(data, fsdp)
-    return Mesh(device_grid, BATCH_AXES)
+    return data, fsdp
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -136,14 +148,45 @@ def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Arra
     }
 
 
+def place_from_host(tree, shardings):
+    """Host (numpy) arrays -> global arrays with these shardings, each device given only its shard.
+
+    Unlike `jax.device_put` of host arrays, no process checks that the others hold equal values (an
+    all-gather of every array onto every host) and no device holds a full copy on the way.
+    """
+
+    def one(x, sharding):
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    return jax.tree.map(one, tree, shardings)
+
+
+def to_host(tree):
+    """A pytree of (possibly cross-process sharded) arrays -> numpy, the whole value on every process.
+
+    Every process must call it (it is a collective when an array spans processes): `jax.device_get`
+    on one process fails for an array whose shards live on other processes (fsdp across hosts).
+    """
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(x)
+
+    return jax.tree.map(one, tree)
+
+
 def local_batch_size(global_batch_size: int) -> int:
     if global_batch_size % jax.process_count():
-        raise ValueError(
+        raise UserError(
             f"batch_size {global_batch_size} is not divisible by the {jax.process_count()} processes"
         )
     per_device = global_batch_size % jax.device_count()
     if per_device:
-        raise ValueError(
+        raise UserError(
             f"batch_size {global_batch_size} is not divisible by the {jax.device_count()} devices: "
             f"use a multiple of {jax.device_count()}"
         )

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import re
 from typing import Any
 
@@ -19,9 +18,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dmt_jax import flops, objective, parallel
+from dmt_jax import flops, objective, parallel, storage
+from dmt_jax.errors import UserError
 from dmt_jax.models.vit import ViT, parse_variant
-from dmt_jax.teachers import TeacherStack, load_teacher, make_random_teacher
+from dmt_jax.teachers import TeacherStack, fingerprint, load_teacher, make_random_teacher
 
 
 @flax.struct.dataclass
@@ -41,17 +41,12 @@ def build_teachers(entries, img_size: int, student_patch: int, data_config=None)
     """
     entries = [e for e in entries if e]
     if not entries:
-        raise ValueError("no teachers configured: set --config.teachers to converted teacher directories")
+        raise UserError("no teachers configured: set --config.teachers to converted teacher directories")
     grid = img_size // student_patch
     teachers = []
     for entry in entries:
-        if entry.startswith(("random:", "demo:")):
-            m = re.fullmatch(r"(random|demo):([^@]+)@(\d+):(\d+)", entry)
-            if not m:
-                raise ValueError(
-                    f"teacher entry {entry!r}: write 'random:VARIANT@PX:SEED' or 'demo:VARIANT@PX:SEED'"
-                )
-            kind, variant, px, seed = m.group(1), m.group(2), int(m.group(3)), int(m.group(4))
+        if generated := parse_teacher_entry(entry):
+            kind, variant, px, seed = generated
             if kind == "random":
                 teacher = make_random_teacher(variant, px, seed)
             else:
@@ -59,8 +54,8 @@ def build_teachers(entries, img_size: int, student_patch: int, data_config=None)
 
                 teacher = demo_teacher(variant, px, seed, data_config, img_size)
         else:
-            if not os.path.isdir(entry):
-                raise FileNotFoundError(
+            if not storage.path(entry).is_dir():  # local or gs://
+                raise UserError(
                     f"teacher {entry!r} does not exist: convert the official checkpoint first, "
                     f"e.g. `dmt-convert mae_pretrain_vit_base.pth {entry}` (see README, Teachers)"
                 )
@@ -68,12 +63,27 @@ def build_teachers(entries, img_size: int, student_patch: int, data_config=None)
         t_grid = teacher.spec.img_size // teacher.spec.patch_size
         if t_grid != grid:
             px = grid * teacher.spec.patch_size
-            raise ValueError(
+            raise UserError(
                 f"teacher {entry!r} has a {t_grid}x{t_grid} patch grid but the student has {grid}x{grid}: "
                 f"re-convert it with `dmt-convert SRC OUT --img-size {px}`"
             )
         teachers.append(teacher)
     return teachers
+
+
+def _is_count(path) -> bool:
+    """An optax state's step counter (ScaleByAdamState.count, ScaleByScheduleState.count)."""
+    return bool(path) and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "count"
+
+
+def parse_teacher_entry(entry: str) -> tuple[str, str, int, int] | None:
+    """'random:VARIANT@PX:SEED' / 'demo:...' -> (kind, variant, px, seed); None for a directory."""
+    if not entry.startswith(("random:", "demo:")):
+        return None
+    m = re.fullmatch(r"(random|demo):([^@]+)@(\d+):(\d+)", entry)
+    if not m:
+        raise UserError(f"teacher entry {entry!r}: write 'random:VARIANT@PX:SEED' or 'demo:VARIANT@PX:SEED'")
+    return m.group(1), m.group(2), int(m.group(3)), int(m.group(4))
 
 
 def build_student(config, head_widths) -> objective.Student:
@@ -98,29 +108,71 @@ def total_steps(config, num_train_examples: int | None) -> int:
     if config.total_steps > 0:
         return int(config.total_steps)
     if not num_train_examples:
-        raise ValueError("set --config.total_steps: the training set size is unknown")
+        raise UserError("set --config.total_steps: the training set size is unknown")
     return int(math.ceil(config.epochs * num_train_examples / config.batch_size))
+
+
+def warmup_steps(config, steps: int, steps_per_epoch: float) -> int:
+    """warmup_steps if set; else warmup_epochs, or, when total_steps sets the run's length, the same
+    fraction of the run as warmup_epochs / epochs (20 of 300 epochs: the first 1/15 of 20 steps too)."""
+    if config.warmup_steps >= 0:
+        warmup = config.warmup_steps
+    elif config.total_steps > 0:
+        warmup = int(round(steps * config.warmup_epochs / config.epochs))
+    else:
+        warmup = int(round(config.warmup_epochs * steps_per_epoch))
+    return max(0, min(warmup, steps - 1))
+
+
+def lr_schedule(config, steps: int, steps_per_epoch: float):
+    """lr = base_lr * batch / 256, linear warmup from 0, then cosine down to min_lr at `steps`."""
+    peak = config.base_lr * config.batch_size / 256
+    warmup = warmup_steps(config, steps, steps_per_epoch)
+    return optax.warmup_cosine_decay_schedule(0.0, peak, max(warmup, 0), max(steps, 1), config.min_lr)
+
+
+def decay_mask(params):
+    """Weight decay on matrices only: not on 1-D tensors (biases, norms) nor pos_embed/CLS/registers."""
+    flat = flax.traverse_util.flatten_dict(params)
+    no_decay = ("pos_embed", "cls_token", "reg_token")
+    # getattr: inside multi_transform the frozen leaves arrive as optax MaskedNodes
+    return flax.traverse_util.unflatten_dict(
+        {k: getattr(v, "ndim", 0) >= 2 and k[-1] not in no_decay for k, v in flat.items()}
+    )
+
+
+def sharded_init(init_fn, mesh, fsdp_min_size: int):
+    """(init_state, state_shardings, abstract_state) for `init_fn(rng) -> state`: the state is created
+    directly in the partition rules' layout; abstract_state (shapes + shardings) is the restore target."""
+    abstract = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
+    state_shardings = parallel.tree_shardings(abstract, mesh, fsdp_min_size)
+    init_state = jax.jit(init_fn, out_shardings=state_shardings)
+    abstract_state = jax.tree.map(
+        lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract, state_shardings
+    )
+    return init_state, state_shardings, abstract_state
+
+
+def guarded_update(tx, grads, loss, params, opt_state):
+    """One optimizer update, applied only if the loss and the gradient norm are finite: a non-finite
+    step never touches the parameters or the moments (the loop then stops or goes on). Returns
+    (params, opt_state, finite, grad_norm)."""
+    updates, new_opt_state = tx.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep_new = lambda new, old: jnp.where(finite, new, old)
+    new_params = jax.tree.map(keep_new, new_params, params)
+    # The optimizer's step counts advance even so: its lr schedule stays at state.step (the lr logged).
+    new_opt_state = jax.tree_util.tree_map_with_path(
+        lambda path, new, old: new if _is_count(path) else keep_new(new, old), new_opt_state, opt_state
+    )
+    return new_params, new_opt_state, finite, grad_norm
 
 
 def make_optimizer(config, steps: int, steps_per_epoch: float):
     """AdamW, lr = base_lr * batch / 256, linear warmup then cosine; no decay on 1-D tensors, pos/CLS/regs."""
-    peak = config.base_lr * config.batch_size / 256
-    warmup = (
-        config.warmup_steps
-        if config.warmup_steps >= 0
-        else int(round(config.warmup_epochs * steps_per_epoch))
-    )
-    warmup = min(warmup, steps - 1)
-    schedule = optax.warmup_cosine_decay_schedule(0.0, peak, max(warmup, 0), max(steps, 1), config.min_lr)
-
-    def decay_mask(params):
-        flat = flax.traverse_util.flatten_dict(params)
-        no_decay = ("pos_embed", "cls_token", "reg_token")
-        # getattr: inside multi_transform the frozen leaves arrive as optax MaskedNodes
-        return flax.traverse_util.unflatten_dict(
-            {k: getattr(v, "ndim", 0) >= 2 and k[-1] not in no_decay for k, v in flat.items()}
-        )
-
+    schedule = lr_schedule(config, steps, steps_per_epoch)
     adamw = optax.adamw(
         schedule, b1=config.b1, b2=config.b2, weight_decay=config.weight_decay, mask=decay_mask
     )
@@ -154,6 +206,7 @@ class Setup:
     state_shardings: Any
     abstract_state: Any  # ShapeDtypeStructs with the mesh's shardings (checkpoint restore target)
     teacher_params: Any  # placed on the mesh
+    teacher_fingerprints: list = dataclasses.field(default_factory=list)  # teachers.fingerprint, in order
 
     @property
     def num_patches(self) -> int:
@@ -189,7 +242,7 @@ def build(config, mesh, num_train_examples: int | None = None, teachers=None) ->
     weights = objective.teacher_weights(tuple(config.teacher_weights), len(teachers))
     num_patches = (config.img_size // student_patch) ** 2
     if config.nonfinite not in ("stop", "skip"):
-        raise ValueError(f"nonfinite must be 'stop' or 'skip', got {config.nonfinite!r}")
+        raise UserError(f"nonfinite must be 'stop' or 'skip', got {config.nonfinite!r}")
 
     def init_fn(rng):
         r_params, r_state = jax.random.split(rng)
@@ -198,20 +251,16 @@ def build(config, mesh, num_train_examples: int | None = None, teachers=None) ->
         params = student.init(r_params, images, keep)["params"]
         return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), r_state)
 
-    abstract = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
-    state_shardings = parallel.tree_shardings(abstract, mesh, config.fsdp_min_size)
-    init_state = jax.jit(init_fn, out_shardings=state_shardings)
-    abstract_state = jax.tree.map(
-        lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract, state_shardings
-    )
+    init_state, state_shardings, abstract_state = sharded_init(init_fn, mesh, config.fsdp_min_size)
 
     def step_fn(state: TrainState, teacher_params, batch):
         rng = jax.random.fold_in(state.rng, state.step)
         r_mask, r_drop = jax.random.split(rng)
         pixels = batch["image"]
         keep = objective.keep_indices(r_mask, pixels.shape[0], num_patches, config.mask_ratio)
-        tokens = stack.apply(teacher_params, pixels)
-        targets = objective.teacher_targets(tokens, stack.num_reg_tokens, keep, config.target_norm_eps)
+        # With keep, each teacher already returns only CLS + the visible patches (its last block is cheaper).
+        tokens = stack.apply(teacher_params, pixels, keep)
+        targets = objective.teacher_targets(tokens, [0] * len(tokens), None, config.target_norm_eps)
         images = objective.normalize_pixels(
             pixels, objective.IMAGENET_MEAN, objective.IMAGENET_STD, jnp.dtype(config.dtype)
         )
@@ -229,14 +278,7 @@ def build(config, mesh, num_train_examples: int | None = None, teachers=None) ->
             )
 
         (loss, per_teacher), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        # A non-finite step never touches the parameters or the moments; the loop then stops or goes on.
-        keep_new = lambda new, old: jnp.where(finite, new, old)
-        params = jax.tree.map(keep_new, params, state.params)
-        opt_state = jax.tree.map(keep_new, opt_state, state.opt_state)
+        params, opt_state, finite, grad_norm = guarded_update(tx, grads, loss, state.params, state.opt_state)
         metrics = {
             "loss": loss,
             "grad_norm": grad_norm,
@@ -247,7 +289,8 @@ def build(config, mesh, num_train_examples: int | None = None, teachers=None) ->
         return TrainState(state.step + 1, params, opt_state, state.rng), metrics
 
     teacher_shardings = parallel.tree_shardings(stack.params, mesh, config.fsdp_min_size, skip_leading=1)
-    teacher_params = jax.device_put(stack.params, teacher_shardings)
+    teacher_params = parallel.place_from_host(stack.params, teacher_shardings)
+    stack.params = None  # the placed shards are the only copy kept for the run
     batch_shardings = {"image": parallel.batch_sharding(mesh)}
     step = jax.jit(
         step_fn,
@@ -268,4 +311,5 @@ def build(config, mesh, num_train_examples: int | None = None, teachers=None) ->
         state_shardings,
         abstract_state,
         teacher_params,
+        [fingerprint(t) for t in teachers],  # checkpoints record them (run_record.py)
     )

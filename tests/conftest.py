@@ -9,4 +9,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 
+# PyTorch's stack (timm -> torch._dynamo -> triton) loads here, before any test module imports
+# TensorFlow: triton imported after TensorFlow has run segfaults the process, and which module is
+# collected first changes as test files come and go.
+import timm  # noqa: E402, F401
+import torch._dynamo  # noqa: E402, F401
+
 jax.config.update("jax_default_matmul_precision", "highest")

@@ -77,8 +77,8 @@ def _literal(text: str):
         return text
 
 
-def run_env(devices: int = 8) -> dict[str, str]:
-    env = dict(os.environ)
+def run_env(devices: int = 8, base: dict | None = None) -> dict[str, str]:
+    env = dict(os.environ if base is None else base)
     env.update(
         XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
         JAX_PLATFORMS="cpu",
@@ -91,13 +91,13 @@ def run_env(devices: int = 8) -> dict[str, str]:
 class Run:
     """`python -m dmt_jax.main ARGS` in the background, stdout and stderr merged, read line by line."""
 
-    def __init__(self, args, devices: int = 8, module: str = "dmt_jax.main"):
+    def __init__(self, args, devices: int = 8, module: str = "dmt_jax.main", env: dict | None = None):
         self.proc = subprocess.Popen(
             [sys.executable, "-m", module, *map(str, args)],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-            env=run_env(devices),
+            env=run_env(devices, env),  # env: instead of os.environ
             cwd=str(REPO),
         )
         self.lines: list[str] = []

@@ -8,6 +8,7 @@ from helpers_run import REPO, Run, cli_args
 
 from dmt_jax import parallel
 from dmt_jax.config import base_config, unknown_field_message, unknown_fields
+from dmt_jax.errors import UserError
 
 
 def _error_line(run: Run) -> str:
@@ -100,7 +101,7 @@ def test_cluster_detection(environ, expected):
 def test_explicit_distributed_config_is_checked_before_connecting():
     cfg = base_config().distributed
     cfg.coordinator_address = "localhost:1234"
-    with pytest.raises(ValueError, match="distributed.num_processes >= 1"):
+    with pytest.raises(UserError, match="distributed.num_processes >= 1"):
         parallel.initialize_distributed(cfg)
     assert not jax.distributed.is_initialized()
     cfg.coordinator_address = ""

@@ -60,6 +60,55 @@ def resize_window(image: tf.Tensor, height: int, width: int, resized_hw=None, of
     return out
 
 
+# PIL's default decompression-bomb limit: larger images are refused from their header, never decoded.
+MAX_IMAGE_PIXELS = 89_478_485
+
+
+def _header_ints(encoded: tf.Tensor, offset: int, count: int, size: int, big_endian: bool) -> tf.Tensor:
+    """`count` unsigned integers of `size` bytes at `offset` of the encoded bytes, as int64."""
+    raw = tf.io.decode_raw(tf.strings.substr(encoded, offset, count * size), tf.uint8)
+    raw = tf.reshape(tf.cast(raw, tf.int64), [count, size])
+    powers = tf.constant([256**k for k in range(size)], tf.int64)
+    return tf.reduce_sum(raw * (powers[::-1] if big_endian else powers), axis=1)
+
+
+def header_pixels(encoded: tf.Tensor) -> tf.Tensor:
+    """width * height from the header of a JPEG, PNG, GIF or BMP (int64; 0 for another format), read
+    without decoding; a PNG/GIF/BMP cut short inside its header raises (an unreadable image)."""
+    magic = tf.strings.substr(encoded, 0, 4)
+
+    def area(dims):
+        return tf.reduce_prod(tf.abs(tf.cast(dims, tf.int64)))
+
+    def bmp():  # signed 32-bit width and height (a negative height means top-down rows)
+        dims = _header_ints(encoded, 18, 2, 4, big_endian=False)
+        return area(tf.where(dims >= 2**31, 2**32 - dims, dims))
+
+    return tf.case(
+        [
+            (tf.io.is_jpeg(encoded), lambda: area(tf.io.extract_jpeg_shape(encoded, tf.int64)[:2])),
+            (tf.equal(magic, b"\x89PNG"), lambda: area(_header_ints(encoded, 16, 2, 4, big_endian=True))),
+            (tf.equal(tf.strings.substr(magic, 0, 3), b"GIF"),
+             lambda: area(_header_ints(encoded, 6, 2, 2, big_endian=False))),
+            (tf.equal(tf.strings.substr(magic, 0, 2), b"BM"), bmp),
+        ],
+        default=lambda: tf.constant(0, tf.int64),
+    )  # fmt: skip
+
+
+def check_pixels(encoded: tf.Tensor, max_pixels: int) -> tf.Tensor:
+    """`encoded`, or an error (the image is then skipped and counted as unreadable) when its header
+    claims more than max_pixels pixels: a 48 KB PNG can claim 20000 x 20000 and take 8 GB to decode."""
+    if max_pixels <= 0:
+        return encoded
+    pixels = header_pixels(encoded)
+    check = tf.debugging.assert_less_equal(
+        pixels, tf.constant(max_pixels, tf.int64), message="image has more pixels than data.max_image_pixels"
+    )
+    with tf.control_dependencies([check]):
+        return tf.identity(encoded)
+
+
 def decode_random_resized_crop(
     encoded: tf.Tensor,
     seed: tf.Tensor,
@@ -99,8 +148,11 @@ def decode_random_resized_crop(
     return _to_uint8(resize_window(crop, img_size, img_size))
 
 
-def train_transform(encoded: tf.Tensor, seed: tf.Tensor, img_size: int, **crop_kwargs) -> tf.Tensor:
+def train_transform(
+    encoded: tf.Tensor, seed: tf.Tensor, img_size: int, max_pixels: int = MAX_IMAGE_PIXELS, **crop_kwargs
+) -> tf.Tensor:
     """One view per image (METHOD.md): random resized crop, then a horizontal flip with p = 0.5."""
+    encoded = check_pixels(encoded, max_pixels)
     crop_seed = seed
     flip_seed = tf.random.experimental.stateless_fold_in(seed, 1)
     image = decode_random_resized_crop(encoded, crop_seed, img_size, **crop_kwargs)
@@ -114,10 +166,12 @@ def eval_resize_size(img_size: int, crop_fraction: float) -> int:
     return int(math.floor(img_size / crop_fraction + 1e-6))
 
 
-def eval_transform(encoded: tf.Tensor, img_size: int, crop_fraction: float = 0.875) -> tf.Tensor:
+def eval_transform(
+    encoded: tf.Tensor, img_size: int, crop_fraction: float = 0.875, max_pixels: int = MAX_IMAGE_PIXELS
+) -> tf.Tensor:
     """Resize the shorter side to img_size / crop_fraction, then take the central img_size square
     (only the square's pixels are computed)."""
-    image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+    image = tf.io.decode_image(check_pixels(encoded, max_pixels), channels=3, expand_animations=False)
     shape = tf.shape(image)
     height, width = tf.cast(shape[0], tf.float32), tf.cast(shape[1], tf.float32)
     factor = eval_resize_size(img_size, crop_fraction) / tf.minimum(height, width)

@@ -5,9 +5,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dmt_jax.data.demo import make_demo_dataset
+from etils import epath
+
+from dmt_jax.data.demo import CLASSES, make_demo_dataset
 from dmt_jax.data.pipeline import EvalInput, TrainInput
-from dmt_jax.data.sources import DataError, FolderSource, Source, TfdsSource
+from dmt_jax.data.sources import (
+    DataError,
+    FolderSource,
+    Source,
+    TfdsSource,
+    check_tfds_dataset,
+    shared_class_names,
+)
 
 SPLIT_ROLES = ("train", "knn_train", "knn_eval")
 
@@ -34,7 +43,7 @@ def make_source(data_config, split_role: str) -> Source:
         }[split_role]
         if not folder:
             raise DataError(f"data.source='folder' needs a folder for {split_role}: set data.folder_*")
-        return FolderSource(folder)
+        return FolderSource(folder, shared_class_names([c.folder_train, c.folder_knn_train, c.folder_eval]))
     if c.source == "demo":
         root = make_demo_dataset(
             demo_dataset_root(c),
@@ -43,8 +52,9 @@ def make_source(data_config, split_role: str) -> Source:
             per_class_val=c.demo_per_class_val,
             img_size=c.demo_img_size,
         )
-        return FolderSource(root / ("val" if split_role == "knn_eval" else "train"))
-    raise ValueError(f"data.source must be 'demo', 'tfds' or 'folder', got {c.source!r}")
+        classes = shared_class_names([root / "train", root / "val"])
+        return FolderSource(root / ("val" if split_role == "knn_eval" else "train"), classes)
+    raise DataError(f"data.source must be 'demo', 'tfds' or 'folder', got {c.source!r}")
 
 
 def make_train_input(
@@ -79,6 +89,10 @@ def make_train_input(
         prefetch=c.prefetch,
         crop_scale=tuple(c.crop_scale),
         crop_ratio=tuple(c.crop_ratio),
+        randaugment=c.randaugment,
+        random_erasing=c.random_erasing,
+        max_pixels=c.max_image_pixels,
+        max_unreadable=c.max_unreadable_in_a_row,
     )
 
 
@@ -103,4 +117,48 @@ def make_eval_input(
         num_parallel=c.num_parallel,
         threads=c.threads,
         prefetch=c.prefetch,
+        max_pixels=c.max_image_pixels,
     )
+
+
+def dataset_problems(data_config, split_roles=SPLIT_ROLES) -> list[str]:
+    """Cheap checks that the dataset of these roles exists, one line per problem (validate.py): image
+    folders are folders of class folders (no image is listed), tfds splits are prepared for random
+    access. A problem found only while reading (an unreadable image) is the pipeline's to report."""
+    c = data_config
+    if c.source == "demo":
+        problems = []
+        if c.demo_num_classes > len(CLASSES):
+            problems.append(
+                f"--config.data.demo_num_classes={c.demo_num_classes}: must be at most {len(CLASSES)}"
+            )
+        if (root := epath.Path(c.demo_root).expanduser()).exists() and not root.is_dir():
+            problems.append(
+                f"--config.data.demo_root={c.demo_root} is a file: choose a directory for the demo data"
+            )
+        return problems
+    if c.source == "folder":
+        folders = {"train": c.folder_train, "knn_train": c.folder_knn_train or c.folder_train}
+        folders["knn_eval"] = c.folder_eval
+        problems = []
+        for folder in dict.fromkeys(folders[role] for role in split_roles if folders[role]):
+            path, layout = epath.Path(folder).expanduser(), f"expected {folder}/<class_name>/<image>.jpg"
+            if not path.is_dir():
+                problems.append(f"image folder {folder} does not exist: {layout}")
+            elif not any(p.is_dir() for p in path.iterdir()):
+                problems.append(f"image folder {folder} has no class folders: {layout}")
+        return problems
+    if c.source == "tfds":
+        try:
+            splits = check_tfds_dataset(c.tfds_name, c.tfds_data_dir or None)
+        except DataError as e:
+            return [str(e)]
+        names = {"train": c.train_split, "knn_train": c.knn_train_split, "knn_eval": c.knn_eval_split}
+        field = {"train": "train_split", "knn_train": "knn_train_split", "knn_eval": "knn_eval_split"}
+        return [
+            f"--config.data.{field[role]}={names[role]!r}: tfds dataset {c.tfds_name} has the splits "
+            f"{', '.join(sorted(splits))}"
+            for role in split_roles
+            if names[role].split("[")[0] not in splits
+        ]
+    return [f"--config.data.source={c.source!r}: must be 'demo', 'tfds' or 'folder'"]

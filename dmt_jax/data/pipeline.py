@@ -16,11 +16,13 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from dmt_jax.data import augment
+from dmt_jax.data import augment, guard
+from dmt_jax.data import randaugment as randaugment_lib
 from dmt_jax.data.sources import Source
 
 AUTOTUNE = tf.data.AUTOTUNE
 _INDEX_CHUNK = 1024  # stream positions mapped to example indices per Python call
+_FETCH_CHUNK = 64  # examples per source.tf_fetch call (for tfds: per Python call reading records)
 
 
 def available_cores() -> int:
@@ -71,7 +73,7 @@ class _StreamIndexer:
 
 
 class TrainInput:
-    """Infinite iterator of {'image': uint8 [B_local, H, W, 3], 'id': int64 [B_local]} numpy batches.
+    """Infinite iterator of {'image': uint8 [B_local, H, W, 3], 'label': int32, 'id': int64} numpy batches.
 
     Resume: save `state()` with the checkpoint and pass it back as start / bad_so_far (see
     `resume_position`); the continued stream is then identical to an uninterrupted run.
@@ -93,6 +95,10 @@ class TrainInput:
         prefetch: int = 2,
         crop_scale: tuple[float, float] = (0.2, 1.0),
         crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        randaugment: str = "",
+        random_erasing: float = 0.0,
+        max_pixels: int = augment.MAX_IMAGE_PIXELS,
+        max_unreadable: int = guard.DEFAULT_MAX_UNREADABLE,
     ):
         if global_batch % process_count:
             raise ValueError(f"global_batch {global_batch} is not divisible by process_count {process_count}")
@@ -104,23 +110,44 @@ class TrainInput:
         self._start, self._bad_so_far = int(start), int(bad_so_far)
         self._next_index, self._delivered = self._start, 0
         indexer = _StreamIndexer(len(source), seed, global_batch, process_index, self.local_batch)
+        in_flight = num_parallel if num_parallel > 0 else 4 * available_cores()
+        in_flight_examples = in_flight * (1 + _FETCH_CHUNK) + _FETCH_CHUNK  # decodes + chunk fetches
+        buffered = (prefetch if prefetch > 0 else 16) + 3 + -(-in_flight_examples // self.local_batch)
+        runaway = guard.RunawayCheck(self._start, max_unreadable, _INDEX_CHUNK, self.local_batch, buffered)
+        self._runaway = runaway  # (the graph below must not hold `self`: __del__ stops the reader thread)
+        self.stop_requested = None  # a callable: True makes a wait for input raise guard.StopRequested
+
+        def not_runaway(chunk):  # once per chunk of positions: has the stream stopped yielding images?
+            ok = tf.numpy_function(runaway.ok, [chunk["j"][0]], tf.bool, stateful=True)
+            return tf.ensure_shape(ok, [])
 
         def locate(j):
             g, index = tf.numpy_function(indexer, [j], [tf.int64, tf.int64], stateful=False)
             return {"j": j, "g": tf.ensure_shape(g, j.shape), "id": tf.ensure_shape(index, j.shape)}
 
+        extra_augment = randaugment_lib.make_augment(randaugment, random_erasing)  # fine-tuning only
+
+        def fetch(chunk):
+            return {**chunk, "fetched": source.tf_fetch(chunk["id"])}
+
         def load(element):
-            encoded, _ = source.tf_lookup(element["id"])
+            encoded, label = source.tf_decode(element["fetched"])
             view_seed = tf.stack([tf.constant(seed, tf.int64), element["g"]])
             image = augment.train_transform(
-                encoded, view_seed, img_size, scale=tuple(crop_scale), ratio=tuple(crop_ratio)
+                encoded, view_seed, img_size, max_pixels, scale=tuple(crop_scale), ratio=tuple(crop_ratio)
             )
-            return {"image": image, "id": element["id"], "j": element["j"]}
+            if extra_augment:
+                image = extra_augment(image, tf.random.experimental.stateless_fold_in(view_seed, 2))
+            return {"image": image, "label": label, "id": element["id"], "j": element["j"]}
 
         dataset = (
             tf.data.Dataset.range(self._start, 2**62)
             .batch(_INDEX_CHUNK)
             .map(locate)
+            .take_while(not_runaway)
+            .unbatch()
+            .batch(_FETCH_CHUNK)  # raw reads a chunk at a time (one Python call for tfds), decodes per image
+            .map(fetch, num_parallel_calls=num_parallel, deterministic=True)
             .unbatch()
             .map(load, num_parallel_calls=num_parallel, deterministic=True)
             .ignore_errors()  # an undecodable image is dropped here and counted by state()
@@ -128,7 +155,7 @@ class TrainInput:
             .prefetch(prefetch)
         )
         self.dataset = dataset.with_options(_options(threads))
-        self._iterator = None
+        self._fetch = None
 
     @staticmethod
     def start_for_step(step: int, global_batch: int, process_count: int = 1) -> int:
@@ -161,13 +188,30 @@ class TrainInput:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        if self._iterator is None:
-            self._iterator = self.dataset.as_numpy_iterator()
-        batch = next(self._iterator)
+        if self._fetch is None:  # a thread reads the pipeline, so a stop request is seen while waiting
+            self._fetch = guard.BackgroundFetch(self.dataset.as_numpy_iterator())
+        try:
+            batch = self._fetch.get(self.stop_requested)
+        except StopIteration:  # the stream is endless: only the runaway check ends it
+            raise guard.UnreadableInput(
+                f"no image of the training data ({self.source}) could be read in more than "
+                f"{self._runaway.max_unreadable} tries in a row (undecodable, or over "
+                "data.max_image_pixels): check the files"
+            ) from None
         positions = batch.pop("j")
-        self._next_index = int(positions[-1]) + 1
+        self._next_index = self._runaway.delivered = int(positions[-1]) + 1
         self._delivered += len(positions)
         return batch
+
+    def close(self):
+        """Ends the reader thread (and the pipeline, even one that finds no readable image)."""
+        if hasattr(self, "_runaway"):  # (__del__ of an instance whose __init__ raised)
+            self._runaway.closed = True
+        if getattr(self, "_fetch", None) is not None:
+            self._fetch.close()
+
+    def __del__(self):
+        self.close()
 
 
 class EvalInput:
@@ -190,6 +234,7 @@ class EvalInput:
         num_parallel: int = AUTOTUNE,
         threads: int = 0,
         prefetch: int = 2,
+        max_pixels: int = augment.MAX_IMAGE_PIXELS,
     ):
         if global_batch % process_count:
             raise ValueError(f"global_batch {global_batch} is not divisible by process_count {process_count}")
@@ -201,7 +246,7 @@ class EvalInput:
 
         def load(index):
             encoded, label = source.tf_lookup(index)
-            image = augment.eval_transform(encoded, img_size, crop_fraction)
+            image = augment.eval_transform(encoded, img_size, crop_fraction, max_pixels)
             return {"image": image, "label": label, "valid": tf.constant(True)}
 
         padding = tf.data.Dataset.from_tensors(

@@ -2,7 +2,9 @@
 
 Every source also offers `tf_lookup(index)`, the same read expressed for tf.data, so the input
 pipelines stay inside TensorFlow's threads wherever the storage allows (image folders: pure graph
-ops; tfds array_record: one small Python call for the raw record, the parsing in graph).
+ops; tfds array_record: one small Python call for the raw record, the parsing in graph). The training
+stream reads in two steps, `tf_fetch(indices)` on a chunk of indices then `tf_decode` per example, so
+a source read from Python (tfds array_record) takes Python's lock once per chunk, not per image.
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from dmt_jax import storage
+from dmt_jax.errors import UserError
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
 # Every module of dmt_jax.data imports this one first. The accelerators belong to JAX: keep TF (a full
@@ -26,7 +31,7 @@ except (RuntimeError, ValueError):  # TF already started its devices, or knows n
     pass
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A dataset is missing or unusable; the message is one line saying how to fix it."""
 
 
@@ -53,16 +58,42 @@ class Source(abc.ABC):
         label.set_shape([])
         return encoded, label
 
+    def tf_fetch(self, indices: tf.Tensor) -> dict[str, tf.Tensor]:
+        """int64 [n] indices -> a dict of [n] tensors that `tf_decode` turns, one element at a time, into
+        (encoded, label). The default defers everything to `tf_lookup`."""
+        return {"index": indices}
+
+    def tf_decode(self, fetched: dict[str, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
+        return self.tf_lookup(fetched["index"])
+
+
+def class_folders(root: str | os.PathLike) -> list[str]:
+    """Sorted names of the subfolders of `root` that hold at least one image (empty ones get no label)."""
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        return []
+    return sorted(e.name for e in os.scandir(root) if e.is_dir() and _has_image(Path(e.path)))
+
+
+def shared_class_names(roots) -> list[str]:
+    """One class list for every split of a folder dataset: the union of the splits' non-empty class
+    folders, so a class folder that is missing or empty in one split cannot shift the others' labels."""
+    return sorted(set().union(*(class_folders(r) for r in roots if r)))
+
 
 class FolderSource(Source):
-    """`root/<class>/<image>`: classes are the sorted subfolder names, files sorted within each."""
+    """`root/<class>/<image>`: label = index of the class folder's name in `class_names` (default: this
+    folder's own non-empty class folders, sorted); files sorted within each class."""
 
-    def __init__(self, root: str | os.PathLike):
+    def __init__(self, root: str | os.PathLike, class_names: list[str] | None = None):
         root = Path(root).expanduser()
+        layout = f"expected {root}/<class_name>/<image>.jpg"
+        if root.exists() and not root.is_dir():
+            raise DataError(f"image folder {root} is a file, not a folder: {layout}")
         if not root.is_dir():
-            raise DataError(f"image folder {root} does not exist: expected {root}/<class_name>/<image>.jpg")
+            raise DataError(f"image folder {root} does not exist: {layout}")
         self.root = root
-        self.class_names = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+        self.class_names = list(class_folders(root) if class_names is None else class_names)
         paths, labels = [], []
         for label, class_name in enumerate(self.class_names):
             files = sorted(_image_files(root / class_name))
@@ -86,15 +117,39 @@ class FolderSource(Source):
     def __getitem__(self, index: int) -> tuple[bytes, int]:
         return Path(self.paths[index]).read_bytes(), int(self.labels[index])
 
+    def __str__(self) -> str:
+        return f"image folder {self.root}"
+
     def tf_lookup(self, index):
         return tf.io.read_file(tf.gather(self._tf_paths, index)), tf.gather(self._tf_labels, index)
 
 
+def _walk_images(folder: Path):
+    """Paths of the image files under `folder`: regular files (or links to them) only, since reading a
+    FIFO or a device named x.jpg would block the pipeline forever; linked folders are not followed."""
+    pending = [os.fspath(folder)]
+    while pending:
+        try:
+            entries = list(os.scandir(pending.pop()))
+        except OSError:  # unreadable or vanished subfolder: its images cannot be read either
+            continue
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                pending.append(entry.path)
+            elif entry.name.lower().endswith(IMAGE_EXTENSIONS) and (entry.is_file() or _dangling(entry)):
+                yield entry.path  # a dangling link stays listed: it is then skipped and counted
+
+
+def _dangling(entry: os.DirEntry) -> bool:
+    return entry.is_symlink() and not os.path.exists(entry.path)
+
+
+def _has_image(folder: Path) -> bool:
+    return next(_walk_images(folder), None) is not None
+
+
 def _image_files(folder: Path) -> list[str]:
-    found = []
-    for dirpath, _, filenames in os.walk(folder):
-        found += [os.path.join(dirpath, f) for f in filenames if f.lower().endswith(IMAGE_EXTENSIONS)]
-    return found
+    return list(_walk_images(folder))
 
 
 class TfdsSource(Source):
@@ -108,7 +163,7 @@ class TfdsSource(Source):
         image_key: str = "image",
         label_key: str = "label",
     ):
-        data_dir = os.fspath(Path(data_dir).expanduser()) if data_dir else None
+        data_dir = os.fspath(storage.path(data_dir)) if data_dir else None  # gs://... stays as it is
         _check_prepared_for_random_access(name, data_dir)
         self._decoders = {image_key: tfds.decode.SkipDecoding()}
         self.data_source = tfds.data_source(
@@ -122,20 +177,28 @@ class TfdsSource(Source):
     def __len__(self) -> int:
         return len(self.data_source)
 
+    def __str__(self) -> str:
+        return f"tfds {self.name} split {self.split}"
+
     def __getitem__(self, index: int) -> tuple[bytes, int]:
         example = self.data_source[index]
         return bytes(example[self.image_key]), int(example[self.label_key])
 
     def tf_lookup(self, index):
-        # Only the raw record read is Python; the tf.Example parsing runs in tf.data's threads.
+        return self.tf_decode({"record": self.tf_fetch(index[None])["record"][0]})
+
+    def tf_fetch(self, indices):
+        # Only the raw record reads are Python (one call for the whole chunk); parsing runs in graph.
         raw_records = self.data_source.data_source
 
-        def read_raw(i):
-            return np.bytes_(raw_records[int(i)])
+        def read_raw(chunk):
+            return np.array([raw_records[int(i)] for i in chunk], dtype=object)
 
-        record = tf.numpy_function(read_raw, [index], tf.string, stateful=False)
-        record.set_shape([])
-        example = self.features.deserialize_example(record, decoders=self._decoders)
+        records = tf.numpy_function(read_raw, [indices], tf.string, stateful=False)
+        return {"record": tf.ensure_shape(records, indices.shape)}
+
+    def tf_decode(self, fetched):
+        example = self.features.deserialize_example(fetched["record"], decoders=self._decoders)
         return example[self.image_key], tf.cast(example[self.label_key], tf.int32)
 
 
@@ -160,3 +223,18 @@ def _check_prepared_for_random_access(name: str, data_dir: str | None) -> None:
             f"random access; convert it with: tfds convert_format --dataset_version_dir={builder.data_dir} "
             f"--out_file_format=array_record"
         )
+
+
+def check_tfds_dataset(name: str, data_dir: str | None) -> list[str]:
+    """The split names of a tfds dataset prepared for random access; DataError (one line) otherwise."""
+    from absl import logging
+
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity(logging.ERROR)  # tfds warns about the folders it looks in; the error says it all
+    try:
+        _check_prepared_for_random_access(name, data_dir)
+        return list(tfds.builder(name, data_dir=data_dir).info.splits.keys())
+    except tfds.core.registered.DatasetNotFoundError as e:
+        raise DataError(f"tfds has no dataset {name!r}: check --config.data.tfds_name") from e
+    finally:
+        logging.set_verbosity(verbosity)

@@ -77,6 +77,29 @@ dense_init = nn.initializers.xavier_uniform()  # MAE's init for Linear layers
 patch_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=(0, 1, 2), out_axis=3)
 
 
+class PatchProjection(nn.Module):
+    """timm's stride-p patch conv (kernel [p, p, C, width]) computed as one GEMM on the flattened
+    patches: exact for stride = kernel with VALID padding, and under the teachers' vmap a plain
+    batched GEMM instead of a grouped convolution."""
+
+    width: int
+    patch_size: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, images):
+        p = self.patch_size
+        b, h, w, c = images.shape
+        kernel = self.param("kernel", patch_init, (p, p, c, self.width))
+        bias = self.param("bias", nn.initializers.zeros, (self.width,))
+        images, kernel, bias = nn.dtypes.promote_dtype(images, kernel, bias, dtype=self.dtype)
+        gh, gw = h // p, w // p  # VALID: a remainder is dropped, as the conv drops it
+        # Patchify (a transpose the compiler fuses into the producer of `images`), then one GEMM.
+        patches = images[:, : gh * p, : gw * p].reshape(b, gh, p, gw, p, c).transpose(0, 1, 3, 2, 4, 5)
+        patches = patches.reshape(b, gh, gw, p * p * c)
+        return patches @ kernel.reshape(p * p * c, self.width) + bias
+
+
 class PatchEmbed(nn.Module):
     width: int
     patch_size: int
@@ -84,11 +107,28 @@ class PatchEmbed(nn.Module):
 
     @nn.compact
     def __call__(self, images):
-        p = (self.patch_size, self.patch_size)
-        conv = nn.Conv(
-            self.width, p, strides=p, padding="VALID", dtype=self.dtype, kernel_init=patch_init, name="proj"
-        )
-        return conv(images)
+        return PatchProjection(self.width, self.patch_size, self.dtype, name="proj")(images)
+
+
+class QKVProjection(nn.Module):
+    """timm's fused qkv Linear (kernel [D, 3D], columns [q; k; v]), applied as three dots.
+
+    Each of q, k, v is its own GEMM with a contiguous output, so the attention kernel reads them
+    without a copy (slices of one fused [.., 3D] output are strided). The parameters keep timm's
+    fused layout and name, so conversion and export are unchanged."""
+
+    width: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, part: int):
+        """x [..., D] -> the q (part 0), k (1) or v (2) projection [..., D]."""
+        d = self.width
+        kernel = self.param("kernel", dense_init, (x.shape[-1], 3 * d))
+        bias = self.param("bias", nn.initializers.zeros, (3 * d,))
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        cols = slice(part * d, (part + 1) * d)
+        return x @ kernel[:, cols] + bias[cols]
 
 
 class Attention(nn.Module):
@@ -97,12 +137,14 @@ class Attention(nn.Module):
     implementation: str = "auto"
 
     @nn.compact
-    def __call__(self, x):
-        b, t, d = x.shape
-        dense = functools.partial(nn.Dense, dtype=self.dtype, kernel_init=dense_init)
-        # Fused qkv: output columns are [q; k; v], each head-major, as in timm.
-        qkv = dense(3 * d, name="qkv")(x).reshape(b, t, 3, self.num_heads, d // self.num_heads)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    def __call__(self, x, queries=None):
+        """x [B, T, D] -> [B, T, D]. queries: optional [B, Tq, D] tokens at which to compute the output
+        (keys and values still come from every token of x); the output is then [B, Tq, D]."""
+        d = x.shape[-1]
+        queries = x if queries is None else queries
+        qkv = QKVProjection(d, self.dtype, name="qkv")
+        heads = lambda y: y.reshape(y.shape[:2] + (self.num_heads, d // self.num_heads))
+        q, k, v = heads(qkv(queries, 0)), heads(qkv(x, 1)), heads(qkv(x, 2))
         impl = attention_implementation(self.implementation, q.dtype)
         try:
             out = jax.nn.dot_product_attention(q, k, v, implementation=impl)
@@ -111,7 +153,8 @@ class Attention(nn.Module):
                 raise
             logging.warning("cuDNN attention unavailable for %s (%s); using XLA's", q.shape, str(e)[:200])
             out = jax.nn.dot_product_attention(q, k, v, implementation="xla")
-        return dense(d, name="proj")(out.reshape(b, t, d))
+        dense = functools.partial(nn.Dense, dtype=self.dtype, kernel_init=dense_init)
+        return dense(d, name="proj")(out.reshape(queries.shape))
 
 
 class Mlp(nn.Module):
@@ -158,13 +201,21 @@ class Block(nn.Module):
     attention: str = "auto"
 
     @nn.compact
-    def __call__(self, x, deterministic: bool = True):
+    def __call__(self, x, deterministic: bool = True, out_index=None):
+        """out_index: optional int [B, n] token positions; the block's output is then [B, n, D], its
+        queries, projection and MLP computed only there (keys and values from every token)."""
         norm = functools.partial(LayerNorm, dtype=self.dtype)
 
         def scaled(name, y):
             return LayerScale(self.layerscale_init, name=name)(y) if self.layerscale_init is not None else y
 
-        y = Attention(self.num_heads, self.dtype, self.attention, name="attn")(norm(name="norm1")(x))
+        h = norm(name="norm1")(x)
+        if out_index is not None:
+            take = lambda a: jnp.take_along_axis(a, out_index[:, :, None], axis=1)
+            x, queries = take(x), take(h)
+        else:
+            queries = None
+        y = Attention(self.num_heads, self.dtype, self.attention, name="attn")(h, queries)
         x = x + DropPath(self.drop_path)(scaled("ls1", y), deterministic)
         y = Mlp(self.mlp_dim, self.dtype, name="mlp")(norm(name="norm2")(x))
         return x + DropPath(self.drop_path)(scaled("ls2", y), deterministic)
@@ -190,8 +241,10 @@ class ViT(nn.Module):
     pos_embed: str = "learned"  # 'learned' or 'sincos' (initialized to MAE's fixed table)
     drop_path: float = 0.0
     dtype: Any = jnp.float32  # matmul / activation dtype; parameters stay float32
+    residual_dtype: Any = None  # dtype of the residual stream (and position embeddings); None: `dtype`
     attention: str = "auto"
     remat: bool = False
+    final_norm: bool = True  # False: no final norm (a classifier pools the tokens, then applies fc_norm)
 
     @classmethod
     def from_variant(cls, variant: str, **kwargs) -> ViT:
@@ -206,8 +259,21 @@ class ViT(nn.Module):
         return 1 + self.num_reg_tokens
 
     @nn.compact
-    def __call__(self, images, keep=None, *, train: bool = False, return_layers: Sequence[int] = ()):
+    def __call__(
+        self,
+        images,
+        keep=None,
+        *,
+        train: bool = False,
+        return_layers: Sequence[int] = (),
+        output_patches=None,
+    ):
+        """output_patches: optional int [B, n] patch indices (a frozen teacher's use). The output is then
+        [B, 1 + n, D]: CLS and those patches (registers dropped), and the last block computes its queries,
+        projection, MLP and the final norm only there (exact: keys and values still see every token)."""
         b = images.shape[0]
+        if keep is not None and output_patches is not None:
+            raise ValueError("pass keep (the student's masking) or output_patches (a teacher's), not both")
         x = PatchEmbed(self.width, self.patch_size, self.dtype, name="patch_embed")(images)
         gh, gw = x.shape[1], x.shape[2]
         if (gh, gw) != (self.grid, self.grid):
@@ -216,7 +282,8 @@ class ViT(nn.Module):
                 f"ViT's position embeddings are for {self.grid}x{self.grid} (img_size={self.img_size}); feed "
                 f"{self.img_size}px images or convert the checkpoint with --img-size"
             )
-        x = x.reshape(b, gh * gw, self.width)
+        # The residual stream's dtype: each block's branches add their `dtype` outputs into it.
+        x = x.reshape(b, gh * gw, self.width).astype(self.residual_dtype or self.dtype)
 
         n_pos_prefix = 0 if self.no_embed_class else self.num_prefix_tokens
         if self.pos_embed == "sincos":
@@ -239,6 +306,10 @@ class ViT(nn.Module):
             x = jnp.take_along_axis(x, keep[:, :, None], axis=1)
         x = jnp.concatenate([jnp.broadcast_to(prefix, (b,) + prefix.shape[1:]).astype(x.dtype), x], axis=1)
 
+        out_index = None
+        if output_patches is not None:  # token positions of CLS and the wanted patches
+            cls_index = jnp.zeros((b, 1), output_patches.dtype)
+            out_index = jnp.concatenate([cls_index, output_patches + self.num_prefix_tokens], axis=1)
         block_cls = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
         layers = []
         for i in range(self.depth):
@@ -250,8 +321,9 @@ class ViT(nn.Module):
                 self.dtype,
                 self.attention,
                 name=f"blocks_{i}",
-            )(x, not train)
+            )(x, not train, out_index if i == self.depth - 1 else None)
             if i in return_layers:
                 layers.append(x)
-        x = LayerNorm(dtype=self.dtype, name="norm")(x)
+        if self.final_norm:
+            x = LayerNorm(dtype=self.dtype, name="norm")(x)
         return (x, layers) if return_layers else x

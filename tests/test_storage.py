@@ -1,0 +1,93 @@
+"""gs:// paths against a real GCS JSON API server on localhost (tests/gcs_emulator.py): checkpoints,
+teachers, exports, and a whole run whose workdir and teacher live in the bucket, started with
+STORAGE_EMULATOR_HOST as its only storage setting."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from gcs_emulator import child_env, emulated_bucket
+from helpers_run import Run, cli_args
+
+from dmt_jax import checkpoint, export, storage
+from dmt_jax.teachers import load_teacher, make_random_teacher, save_teacher
+
+POSITION = {"next_index": 3, "bad_images": 0, "global_batch": 8}
+
+
+@pytest.fixture(scope="module")
+def bucket():
+    with emulated_bucket() as root:
+        yield root
+
+
+def test_paths_stay_in_the_bucket():
+    assert os.fspath(storage.path("gs://b/run/checkpoints")) == "gs://b/run/checkpoints"
+    assert os.fspath(storage.path("relative/dir")) == os.path.abspath("relative/dir")
+
+
+def test_checkpoints_save_restore_and_set_aside_in_the_bucket(bucket):
+    directory = f"{bucket}/ckpt_test/checkpoints"
+    state = {"w": jnp.arange(1024.0)}
+    ckpt = checkpoint.Checkpointer(directory)
+    assert ckpt.save(1, state, POSITION) and ckpt.save(2, state, POSITION)
+    assert ckpt.steps() == [1, 2]
+    ckpt.close()
+    assert not storage.path("ckpt_test").exists()  # nothing went to a local "gs:" folder
+    # Damage step 2 (its array data objects gone): set aside in the bucket, step 1 restored.
+    step_2 = storage.path(directory) / "2" / "state"
+    for f in storage.files_under(step_2):
+        if f.parent.name == "d":
+            f.unlink()
+    ckpt = checkpoint.Checkpointer(directory)
+    restored, data = ckpt.restore_latest(state)
+    assert np.array_equal(np.asarray(restored["w"]), np.arange(1024.0)) and data["next_index"] == [3]
+    assert ckpt.steps() == [1]
+    assert [p.name.split("-")[0] for p in storage.path(directory + "_unreadable").iterdir()] == ["2"]
+    ckpt.close()
+
+
+def test_teacher_and_export_in_the_bucket(bucket):
+    teacher = make_random_teacher("mu/4", 32, seed=3)
+    save_teacher(f"{bucket}/teachers/t", teacher.spec, teacher.params)
+    loaded = load_teacher(f"{bucket}/teachers/t")
+    assert loaded.spec == teacher.spec
+    for a, b in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(teacher.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    kwargs = export.export_timm(loaded.params, f"{bucket}/export/student.safetensors")
+    from safetensors.numpy import load
+
+    exported = load(storage.path(f"{bucket}/export/student.safetensors").read_bytes())
+    assert kwargs["embed_dim"] == teacher.spec.width and "patch_embed.proj.weight" in exported
+
+
+def test_a_whole_run_in_the_bucket(bucket, tmp_path):
+    teacher = make_random_teacher("mu/4", 32, seed=1)
+    save_teacher(f"{bucket}/teachers/run_t", teacher.spec, teacher.params)
+    workdir = f"{bucket}/run"
+    args = cli_args(
+        workdir,
+        tmp_path / "demo",
+        teachers=f"('{bucket}/teachers/run_t','random:mu/8@64:2')",
+        total_steps=4,
+        warmup_steps=1,
+        checkpoint_every=2,
+        evaluate=True,
+        eval_every=100,
+        linear_probe_steps=5,
+        export_at_end=True,
+        log_example_ids=False,
+    )
+    run = Run(args, devices=2, env=child_env())
+    assert run.finish(timeout=300) == 0, run.output
+    root = storage.path(workdir)
+    names = {p.name for p in root.iterdir()}
+    assert {"checkpoints", "config.json", "eval.jsonl", "student_timm.safetensors"} <= names, names
+    assert any(n.startswith("events.out.tfevents.") for n in names), names
+    assert sorted(int(p.name) for p in (root / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4]
+    steps = [json.loads(line)["step"] for line in (root / "eval.jsonl").read_text().splitlines()]
+    assert steps == [0, 4]
+    assert not (tmp_path / "gs:").exists() and not storage.path("gs:").exists()
