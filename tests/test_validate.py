@@ -74,7 +74,7 @@ BAD_VALUES = [
     ("fsdp_min_size", -1, ">= 0"),
     ("profile_steps", (5, 3), "first < last"),
     ("profile_steps", (1, 2, 3), "first < last"),
-    ("profile_steps", (700, 900), "ends after total_steps"),
+    ("profile_steps", (1700, 1900), "ends after total_steps"),
     ("teachers", ("",), "names no teacher"),
     ("distributed__coordinator_address", "localhost:1234", "num_processes >= 1"),
     ("distributed__num_processes", 0, ">= 1 or -1"),
