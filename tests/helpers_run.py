@@ -7,6 +7,8 @@ waits for a line of its output, sends it a signal; the readers look at what it l
 
 from __future__ import annotations
 
+import builtins
+import errno
 import logging
 import os
 import queue
@@ -231,3 +233,16 @@ def send_after(run: Run, pattern: str, sig: int = signal.SIGTERM) -> str:
     line = run.wait_for(pattern)
     run.send(sig)
     return line
+
+
+def fill_disk_under(monkeypatch, prefixes: tuple[str, ...]):
+    """Every file opened for writing under one of these path prefixes fails with ENOSPC (a full disk);
+    reads and writes elsewhere go through. orbax writes its metadata through Python's open."""
+    real_open = builtins.open
+
+    def open_on_a_full_disk(file, mode="r", *args, **kwargs):
+        if isinstance(file, str | os.PathLike) and str(file).startswith(prefixes) and set(mode) & set("wax+"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(file))
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", open_on_a_full_disk)

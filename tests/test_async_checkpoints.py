@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers_run import Run, checkpoint_steps, free_port, tiny_config
+from helpers_run import Run, checkpoint_steps, fill_disk_under, free_port, tiny_config
 
 from dmt_jax import checkpoint, loop
 
@@ -46,15 +46,7 @@ class HeldWrites:
 
 def fail_writes(monkeypatch, checkpoints: Path, steps):
     """Every file opened for writing inside the temporary directory of these steps' saves: ENOSPC."""
-    real_open = builtins.open
-    prefixes = tuple(f"{checkpoints}/{step}{checkpoint.TMP_MARKER}" for step in steps)
-
-    def full_disk_open(file, mode="r", *args, **kwargs):
-        if isinstance(file, str | os.PathLike) and str(file).startswith(prefixes) and set(mode) & set("wax+"):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(file))
-        return real_open(file, mode, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "open", full_disk_open)
+    fill_disk_under(monkeypatch, tuple(f"{checkpoints}/{step}{checkpoint.TMP_MARKER}" for step in steps))
 
 
 def test_save_returns_while_the_checkpoint_is_written(tmp_path, monkeypatch):

@@ -6,8 +6,6 @@ The subprocess runs (reference, SIGKILL, SIGTERM and their restarts) are started
 the module; the other faults run in process, on conftest's 8 virtual devices.
 """
 
-import builtins
-import errno
 import os
 import shutil
 import signal
@@ -22,6 +20,7 @@ from helpers_run import (
     checkpoint_steps,
     cli_args,
     example_ids,
+    fill_disk_under,
     max_rel_err,
     read_state,
     scalars,
@@ -235,15 +234,7 @@ def _fill_disk_during_saves(monkeypatch, checkpoints: Path, steps):
     """Every file orbax opens for writing inside the temporary directory of these steps' saves fails
     with ENOSPC, after tensorstore has written the array data (the low-level write orbax's metadata
     goes through is Python's open)."""
-    real_open = builtins.open
-    prefixes = tuple(f"{checkpoints}/{step}.orbax-checkpoint-tmp" for step in steps)
-
-    def open_on_a_full_disk(file, mode="r", *args, **kwargs):
-        if isinstance(file, str | os.PathLike) and str(file).startswith(prefixes) and set(mode) & set("wax+"):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(file))
-        return real_open(file, mode, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "open", open_on_a_full_disk)
+    fill_disk_under(monkeypatch, tuple(f"{checkpoints}/{step}.orbax-checkpoint-tmp" for step in steps))
 
 
 def _break_images(source) -> int:
