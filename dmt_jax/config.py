@@ -467,7 +467,7 @@ def consistency_problems(c: mc.ConfigDict) -> list[str]:
     return problems
 
 
-# ---------------------------------------------------------------- fine-tuning (dmt_jax/finetune.py)
+# ---------------------------------------------------------------- fine-tuning (dmt_jax/finetune/)
 
 
 def _default(name: str, value, schema: Mapping = BASE_SCHEMA) -> Field:

@@ -34,7 +34,7 @@ _HELP_ARGS = ("-h", "--help", "-help", "--helpshort", "--helpfull", "-?")
 _ENVIRONMENT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)
 
 _flags = {}  # defined by run(), not at import: config_flags reads the recipe as soon as it is defined
-# What run() starts: the distillation by default; dmt_jax/finetune.py passes its own recipe, schema and loop.
+# What run() starts: the distillation by default; finetune/cli.py passes its own recipe, schema and loop.
 _entry = {"default_config": _REPO_DEMO, "schema": None, "train": None, "fields": None, "check": None}
 
 
@@ -155,7 +155,7 @@ def _print_help(full: bool):
     from dmt_jax import config as config_lib
 
     spec = getattr(sys.modules["__main__"], "__spec__", None)
-    module = spec.name if spec else "dmt_jax.main"
+    module = spec.name.removesuffix(".__main__") if spec else "dmt_jax.main"
     default = os.path.relpath(_entry["default_config"])
     lines = [
         f"usage: python -m {module} --config=RECIPE --workdir=DIR [--config.FIELD=VALUE ...]",
