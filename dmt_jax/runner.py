@@ -150,15 +150,34 @@ def eval_batches(cfg, cache: dict, role: str):
 
 
 def with_workdir_lock(workdir: str, run, *args):
-    """run(*args) holding the workdir's lock (process 0 takes it, the others share it), taken before
-    anything else is written: a second run on this workdir would replace this one's files."""
-    storage.path(workdir).mkdir(parents=True, exist_ok=True)
-    lock = workdir_lock.WorkdirLock(workdir).acquire() if jax.process_index() == 0 else None
+    """run(*args) holding the workdir's lock, taken before anything else is written: a second run on this
+    workdir would replace this one's files. Process 0 takes it (workdir_lock.py) and every process learns
+    the outcome, so a refusal stops every process with the same line (exit 2) and none writes a file."""
+    lock, refusal = None, ""
+    if jax.process_index() == 0:
+        try:
+            lock = workdir_lock.WorkdirLock(storage.path(workdir)).acquire()
+        except errors.UserError as e:
+            refusal = str(e)
+    refusal = _from_process_0(refusal)
+    if refusal:
+        raise workdir_lock.WorkdirLocked(refusal)
     try:
         return run(*args)
     finally:
         if lock:
             lock.release()
+
+
+def _from_process_0(text: str, size: int = 4096) -> str:
+    """Process 0's `text` on every process (a collective; every process calls it)."""
+    if jax.process_count() == 1:
+        return text
+    buffer = np.zeros(size, np.uint8)
+    encoded = text.encode()[:size]
+    buffer[: len(encoded)] = np.frombuffer(encoded, np.uint8)
+    received = np.asarray(multihost_utils.broadcast_one_to_all(buffer), np.uint8)
+    return bytes(received).rstrip(b"\0").decode(errors="replace")
 
 
 def resume_or_start(setup, ckpt, train_source, workdir: str, fingerprints=()):
