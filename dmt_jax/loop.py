@@ -12,7 +12,7 @@ import os
 import jax
 import numpy as np
 
-from dmt_jax import checkpoint, data, errors, evaluate, parallel, pictures, runner, storage, summary, train
+from dmt_jax import data, errors, evaluate, parallel, pictures, runner, storage, summary, train
 from dmt_jax.runner import eval_batches, say
 
 
@@ -93,44 +93,36 @@ def _use_compilation_cache(directory: str):
 
 
 def _train_and_evaluate_locked(config, workdir: str) -> dict[str, float]:
-    from clu import metric_writers  # imports TensorFlow's summary writer: kept out of the step's path
-
-    mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
-    train_source = data.make_source(config.data, "train")
-    setup = train.build(config, mesh, num_train_examples=len(train_source))
-    say(summary.describe_run(setup, train_source))
-    parallel.local_batch_size(config.batch_size)  # fails early, with a message, on an indivisible batch
-    ckpt = checkpoint.for_run(workdir, config)
-    events = storage.EventsDir(workdir)  # TensorFlow's writer reaches a bucket, but not an emulated one
-    writer = metric_writers.create_default_writer(events.local, just_logging=jax.process_index() > 0)
-    preemption = runner.Preemption(agree_every=config.log_every)
-    ids_file = _open_ids_log(workdir) if config.log_example_ids else None
-    try:
-        return _train(setup, ckpt, writer, preemption, ids_file, train_source, workdir)
-    finally:
-        if ids_file:
-            ids_file.close()
-        preemption.close()
-        writer.flush()
-        events.close()
-        ckpt.close()
+    with runner.Session(config, workdir) as run:
+        mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
+        train_source = data.make_source(config.data, "train")
+        setup = train.build(config, mesh, num_train_examples=len(train_source))
+        parallel.local_batch_size(config.batch_size)  # fails early, with a message, on an indivisible batch
+        ids_file = _open_ids_log(workdir) if config.log_example_ids else None
+        try:
+            return _train(run, setup, ids_file, train_source, workdir)
+        finally:
+            if ids_file:
+                ids_file.close()
 
 
-def _train(setup, ckpt, writer, preemption, ids_file, train_source, workdir) -> dict[str, float]:
+def _train(run, setup, ids_file, train_source, workdir) -> dict[str, float]:
     config, mesh = setup.config, setup.mesh
     # A resume must continue the same run: same teachers (by content), same training fields.
-    fingerprints = setup.teacher_fingerprints
-    state, train_input, record = runner.resume_or_start(setup, ckpt, train_source, workdir, fingerprints)
+    state, train_input = run.start(
+        setup,
+        train_source,
+        kind="distillation",
+        fingerprints=setup.teacher_fingerprints,
+        flops_per_image=setup.flops_per_image(),
+        describe=lambda: summary.describe_run(setup, train_source),
+    )
     start = int(state.step)
 
     final, eval_every = {}, config.eval_every if config.evaluate else 0
-    evaluations = _Evaluations(setup, writer, workdir) if config.evaluate else None
-    if start == 0 and evaluations:
-        evaluations.run(state, 0)
-    progress = runner.StepProgress(setup.steps, start, config.batch_size, setup.flops_per_image())
-    books = runner.Books(config, ckpt, writer, progress, train_input)
-    books.record = record
-    preemption.watch_input(train_input)
+    evaluations = _Evaluations(setup, run.writer, workdir) if config.evaluate else None
+    if start == 0 and evaluations and run.evaluate(evaluations.run, state, 0)[1]:
+        return final
     # The first step compiles (seconds to minutes) before the first progress line: say so.
     say(f"training from step {start}; the first step compiles, then a line every {config.log_every} steps")
 
@@ -141,23 +133,22 @@ def _train(setup, ckpt, writer, preemption, ids_file, train_source, workdir) -> 
     def log_ids(done, batch):
         ids_file.write(json.dumps({"step": done, "ids": [int(i) for i in batch["id"]]}) + "\n")
 
-    state, finished = runner.run_steps(
+    state, finished = run.steps(
         state,
-        iter(train_input),
-        books,
-        preemption,
+        train_input,
         start=start,
         total=setup.steps,
         train_step=train_step,
         evaluate=evaluations.run if evaluations else None,
         eval_every=eval_every,
         on_batch=log_ids if ids_file else None,
-        workdir=workdir,
     )
     if not finished:
         return final
     if evaluations:
-        final = evaluations.run(state, int(state.step))
+        final, stopped = run.evaluate(evaluations.run, state, int(state.step))
+        if stopped:
+            return {}
     if config.export_at_end:
         from dmt_jax import export
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 import time
 
 import jax
@@ -20,6 +21,10 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from dmt_jax import checkpoint, data, errors, evaluate, flops, run_record, storage, workdir_lock
+
+
+class StopRequested(Exception):
+    """A stop was requested between two batches of an evaluation (Stoppable): the loop checkpoints, ends."""
 
 
 class Preemption:
@@ -31,7 +36,13 @@ class Preemption:
     per step; a SIGINT is handed to it as a SIGTERM. Should that service be off, the flags are
     all-gathered every `agree_every` steps instead (a tiny collective at the log interval, where the
     loop waits for the device anyway).
+
+    Between steps, where a stop must not wait for the next step (the batches of an evaluation), every
+    process looks at its flag or, under JAX's service, at the notice the service posts in the
+    coordination service's key-value store, and the processes agree (stop_now).
     """
+
+    active: Preemption | None = None  # the one whose handlers are installed (signals are per process)
 
     def __init__(self, agree_every: int):
         self.multi = jax.process_count() > 1
@@ -43,6 +54,7 @@ class Preemption:
             if sig == signal.SIGTERM and self.jax_service:
                 continue  # JAX's notifier owns SIGTERM
             self._previous[sig] = signal.signal(sig, self._handler)
+        Preemption.active = self
 
     def _handler(self, signum, frame):
         # No print here: printing while the interrupted main thread prints raises a reentrant-call error.
@@ -60,6 +72,12 @@ class Preemption:
             return step % self.agree_every == 0 and _on_any_process(self.requested)
         return self.requested
 
+    def stop_now(self) -> bool:
+        """Whether a stop was requested on any process, agreed now (every process calls it at the same
+        point: a collective when there are several)."""
+        local = self.requested or (self.jax_service and _jax_preemption_notice())
+        return _on_any_process(local) if self.multi else local
+
     def watch_input(self, train_input):
         """A wait for input ends in data.StopRequested once a stop is requested (see next_batch). Not with
         several processes: they must stop at one agreed step, so they wait for input."""
@@ -69,6 +87,8 @@ class Preemption:
     def close(self):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        if Preemption.active is self:
+            Preemption.active = None
 
 
 def _preemption_service_running() -> bool:
@@ -77,6 +97,21 @@ def _preemption_service_running() -> bool:
 
         return distributed.global_state.preemption_sync_manager is not None
     except (ImportError, AttributeError):
+        return False
+
+
+# The key JAX's preemption service sets in the coordination service when any process got SIGTERM (TSL's
+# preemption_sync_manager.cc, kPreemptionNoticeKey).
+_JAX_PREEMPTION_NOTICE = "RECEIVED_PREEMPTION_NOTICE"
+
+
+def _jax_preemption_notice() -> bool:
+    try:
+        from jax._src import distributed
+
+        client = distributed.global_state.client
+        return client is not None and client.key_value_try_get(_JAX_PREEMPTION_NOTICE) is not None
+    except Exception:  # noqa: BLE001 - not set (NOT_FOUND), or a jax without this API: no notice
         return False
 
 
@@ -136,12 +171,35 @@ class StepProgress:
 
 
 def eval_batches(cfg, cache: dict, role: str):
-    """One evaluation pass over a split role ('knn_train', 'knn_eval'); its source is made once, in cache."""
+    """One evaluation pass over a split role ('knn_train', 'knn_eval'); its source is made once, in cache.
+    A stop request ends it between two batches (Stoppable)."""
     if role not in cache:
         cache[role] = data.make_source(cfg.data, role)
+    return Stoppable(_eval_input(cfg, cache[role]))
+
+
+class Stoppable:
+    """Batches that end in StopRequested once a stop is requested (Preemption.stop_now, checked before
+    each batch, agreed by every process): an evaluation then stops within a batch of the request."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        for batch in self.batches:
+            preemption = Preemption.active
+            if preemption is not None and preemption.stop_now():
+                raise StopRequested
+            yield batch
+
+
+def _eval_input(cfg, source):
     return data.make_eval_input(
         cfg.data,
-        cache[role],
+        source,
         global_batch=evaluate.eval_batch_size(cfg.eval_batch_size, jax.device_count()),
         img_size=cfg.img_size,
         process_index=jax.process_index(),
@@ -180,24 +238,107 @@ def _from_process_0(text: str, size: int = 4096) -> str:
     return bytes(received).rstrip(b"\0").decode(errors="replace")
 
 
-def resume_or_start(setup, ckpt, train_source, workdir: str, fingerprints=()):
+class Session:
+    """What a run holds while it trains, opened once its workdir is locked and closed however it ends: the
+    preemption handler (first, so that a stop request during the setup is honoured), the checkpoints,
+    and, once a resume is accepted, the TensorBoard writer (a refused resume leaves no events file) and
+    the books. Both loops:
+
+        with runner.Session(config, workdir) as run:
+            state, train_input = run.start(setup, train_source, kind=..., describe=...)
+            state, finished = run.steps(state, train_input, total=..., train_step=..., evaluate=...)
+    """
+
+    def __init__(self, config, workdir: str):
+        self.config, self.workdir = config, workdir
+        self.preemption = Preemption(agree_every=config.log_every)
+        self.ckpt = checkpoint.for_run(workdir, config)
+        self.events = self.writer = self.books = None
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        interrupted = kind is not None and issubclass(kind, KeyboardInterrupt)
+        if interrupted:  # a second Ctrl-C: end now, without waiting for a save in flight
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        self.preemption.close()
+        if self.writer is not None:
+            self.writer.flush()
+            self.events.close()
+        if interrupted:
+            self.ckpt.abort()
+        else:
+            self.ckpt.close()
+
+    def evaluate(self, evaluate, state, step: int):
+        """An evaluation outside the step loop (at step 0, or the final one): (its result, stopped); stopped
+        when a stop was requested during it (the checkpoint at `step` saved, and said)."""
+        return evaluate_or_stop(evaluate, state, step, self.books)
+
+    def start(self, setup, train_source, *, kind: str, flops_per_image: float, fingerprints=(), describe=None,
+              resolved=None):  # fmt: skip
+        """resume_or_start, then the writer, the books and the progress line; (state, train_input)."""
+        from clu import metric_writers  # imports TensorFlow's summary writer: kept out of the step's path
+
+        state, train_input, record = resume_or_start(
+            setup, self.ckpt, train_source, self.workdir, fingerprints, kind=kind, describe=describe,
+            resolved=resolved,
+        )  # fmt: skip
+        self.events = storage.EventsDir(self.workdir)  # TensorFlow reaches a bucket, but not an emulated one
+        self.writer = metric_writers.create_default_writer(
+            self.events.local, just_logging=jax.process_index() > 0
+        )
+        progress = StepProgress(setup.steps, int(state.step), self.config.batch_size, flops_per_image)
+        self.books = Books(self.config, self.ckpt, self.writer, progress, train_input)
+        self.books.record = record
+        self.preemption.watch_input(train_input)
+        return state, train_input
+
+    def steps(self, state, train_input, **kwargs):
+        """run_steps with this session's books and preemption; (state, finished)."""
+        return run_steps(
+            state, iter(train_input), self.books, self.preemption, workdir=self.workdir, **kwargs
+        )
+
+
+def resume_or_start(
+    setup, ckpt, train_source, workdir: str, fingerprints=(), *, kind: str, describe=None, resolved=None
+):
     """(state, train_input, record) of the newest checkpoint (its state and input position) or of a fresh
-    start. A resume must continue the same run: run_record.check_resume refuses other `fingerprints`
-    (content hashes of what the run reads, e.g. teachers) or changed training fields. config.json is
-    written only after that check: a refused resume leaves the one of its checkpoints. The record is
-    what every checkpoint stores (Books.record)."""
+    start. A resume must continue the same run: before any array is read, run_record.check_resume refuses
+    a run of another kind, other `fingerprints` (content hashes of what the run reads, e.g. teachers) or
+    changed training fields, `resolved` values (from the data) included. `describe()` (the run's summary)
+    is said once the run is accepted. config.json is written only after that check: a refused resume
+    leaves the one of its checkpoints. The record is what every checkpoint stores (Books.record)."""
     config = setup.config
-    restored = ckpt.restore_latest(setup.abstract_state)
+    num_examples = len(train_source)
+    record = run_record.make_record(config, fingerprints, num_examples, kind, **(resolved or {}))
+    changes, said = [], []
+
+    def accept(step: int, data: dict):
+        changes[:] = run_record.check_resume((data or {}).get("record"), record, config, step, ckpt.directory)
+        if describe and not said:
+            say(describe())
+            said.append(True)
+
+    try:
+        restored = ckpt.restore_latest(setup.abstract_state, check=accept)
+    except checkpoint.RestoreFailed as e:
+        if not changes:
+            raise
+        raise run_record.ResumeRefused(
+            f"{e}: the changed fields ({'; '.join(changes)}) do not fit its arrays; use another --workdir"
+        ) from None
     if restored:
         state, data_item = restored
         say(f"resuming from the checkpoint at step {int(state.step)} in {ckpt.directory}")
+        if changes:
+            say(f"resuming with changed config fields: {'; '.join(changes)}")
     else:
+        accept(0, {})
         state, data_item = setup.init_state(jax.random.PRNGKey(config.seed)), None
-    start, num_examples = int(state.step), len(train_source)
-    saved_record = (data_item or {}).get("record")
-    changes = run_record.check_resume(saved_record, config, fingerprints, start, num_examples, ckpt.directory)
-    if changes:
-        say(f"resuming with changed config fields: {'; '.join(changes)}")
+    start = int(state.step)
     if jax.process_index() == 0:
         storage.write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
     train_input = data.make_train_input(
@@ -211,7 +352,7 @@ def resume_or_start(setup, ckpt, train_source, workdir: str, fingerprints=()):
         step=start,
         saved_state=checkpoint.saved_input_state(data_item),
     )
-    return state, train_input, run_record.make_record(config, fingerprints, num_examples)
+    return state, train_input, record
 
 
 def next_batch(batches, books, step: int, state):
@@ -258,7 +399,8 @@ def run_steps(
     books at log and checkpoint steps, `evaluate(state, done)` every `eval_every` steps (not at the last:
     the loop's final evaluation follows), `on_batch(done, batch)` after each step, a profile of the
     config's profile_steps. Returns (state, finished): finished is False when a stop was requested (its
-    checkpoint saved and said)."""
+    checkpoint saved and said). A stop is honoured after any step, while waiting for input, between the
+    batches of an evaluation and, on one process, while the first step compiles."""
     profile, pending = tuple(books.config.profile_steps), []
     for step in range(start, total):
         if profile and step == profile[0]:
@@ -266,7 +408,15 @@ def run_steps(
         batch = next_batch(batches, books, step, state)
         if batch is None:
             return state, False
-        state, metrics = train_step(state, batch)
+        if step == start:
+            outcome = first_step(train_step, state, batch, preemption)
+            if outcome is None:
+                where = f"the checkpoint at step {start}" if start in books.ckpt.steps() else "the start"
+                say(f"stop requested while the first step compiled: nothing to save (resumes from {where})")
+                return state, False
+            state, metrics = outcome
+        else:
+            state, metrics = train_step(state, batch)
         pending.append(metrics)
         done = step + 1
         if on_batch:
@@ -276,9 +426,62 @@ def run_steps(
         last = done == total
         if log_save_or_stop(books, preemption, state, done, last, pending):
             return state, False
-        if evaluate and eval_every > 0 and done % eval_every == 0 and not last:
-            evaluate(state, done)
+        due = evaluate and eval_every > 0 and done % eval_every == 0 and not last
+        if due and evaluate_or_stop(evaluate, state, done, books)[1]:
+            return state, False
     return state, True
+
+
+_abandoned: list[threading.Thread] = []  # first steps left compiling by a stop: the process must end at once
+
+
+def must_exit_now() -> bool:
+    """True when a stop left a compile running in a thread: the process then ends with os._exit, since a
+    normal exit would tear XLA down under it (dmt_jax.main does)."""
+    return any(t.is_alive() for t in _abandoned)
+
+
+def first_step(train_step, state, batch, preemption):
+    """train_step(state, batch), or None when a stop was requested before it finished: it compiles (seconds
+    on the demo, minutes on a pod) in a thread while the main thread watches for the request. Nothing was
+    learned since the session's first state (its checkpoint, or the seed's init): nothing to save. With
+    several processes the step runs as any other (they must stop at one agreed step)."""
+    if preemption.multi:
+        return train_step(state, batch)
+    if preemption.requested:
+        return None
+    result: list = []
+
+    def work():
+        try:
+            result.append((True, train_step(state, batch)))
+        except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
+            result.append((False, e))
+
+    thread = threading.Thread(target=work, daemon=True, name="dmt-first-step")
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.1)
+        if preemption.requested and thread.is_alive():
+            _abandoned.append(thread)
+            return None
+    ok, value = result[0]
+    if not ok:
+        raise value
+    return value
+
+
+def evaluate_or_stop(evaluate, state, step: int, books):
+    """(evaluate(state, step), False), or (None, True) when a stop was requested during it: the checkpoint
+    at `step` is then saved (it may be already) and said."""
+    try:
+        return evaluate(state, step), False
+    except StopRequested:
+        books.save(step, state, must_succeed=True)
+        say(
+            f"stop requested during the evaluation at step {step}: checkpoint at step {step} saved; run again"
+        )
+        return None, True
 
 
 class Books:

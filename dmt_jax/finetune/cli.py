@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import os
 
-from etils import epath
-
-from dmt_jax import data, parallel
+from dmt_jax import data, parallel, storage
 from dmt_jax.errors import UserError
 
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -16,16 +14,25 @@ _REPO_CONFIG = os.path.join(_REPO, "configs")
 
 def check_run(config, workdir: str) -> None:
     """The validation pass of a fine-tuning (validate.py's checks that apply), before anything is built:
-    every field in its range, the devices, the training and validation data, the init, the workdir."""
+    every field in its range and the fields against each other, the devices, the training and validation
+    data, the init (it exists and is not the workdir itself), the workdir. What needs the files read (the
+    init's tensors, the data's classes) is checked when they are read, before anything is written."""
     from dmt_jax import config as config_lib
     from dmt_jax import validate
 
-    problems = config_lib.field_problems(config, config_lib.FINETUNE_SCHEMA)
+    problems = validate.config_problems(
+        config, config_lib.FINETUNE_SCHEMA, consistency=config_lib.finetune_consistency_problems
+    )
     if not any(p.startswith("--config.distributed.") for p in problems):
         parallel.initialize_distributed(config.distributed)
         problems += validate.device_problems(config)
     problems += data.dataset_problems(config.data, ("train", "knn_eval"))
-    if config.init and not epath.Path(config.init).exists():
+    if config.init and storage.path(config.init) == storage.path(workdir):
+        problems.append(
+            f"--config.init is the --workdir ({workdir}): a fine-tuning writes its own checkpoints there; "
+            "choose another --workdir"
+        )
+    elif config.init and not storage.path(config.init).exists():
         problems.append(
             f"--config.init={config.init!r} does not exist: name a distillation workdir (e.g. the demo's, "
             "after `python -m dmt_jax.main --config=configs/demo.py --workdir=/tmp/dmt_demo`), a "
