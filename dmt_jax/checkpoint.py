@@ -267,8 +267,8 @@ _DROP_ORBAX_RECORDS = _DropOrbaxRecords()
 def committed_steps(directory: str) -> list[int]:
     """The steps of the finished checkpoints in another run's directory, as orbax tells them (a save still
     being written or finalized, and a step being deleted by its rotation, are not among them)."""
-    options = ocp.CheckpointManagerOptions(read_only=True)
     with _quiet_orbax():
+        options = ocp.CheckpointManagerOptions(read_only=True)
         manager = ocp.CheckpointManager(storage.path(directory), options=options)
         try:
             return sorted(manager.all_steps())
@@ -282,7 +282,10 @@ def read_state(directory: str, step: int) -> dict:
     path = storage.path(directory) / str(step) / "state"
     with _quiet_orbax():
         reader = ocp.PyTreeCheckpointer()
-        tree = reader.metadata(path).item_metadata.tree
+        metadata = reader.metadata(path)
+        if metadata is None or getattr(metadata, "item_metadata", None) is None:
+            raise FileNotFoundError(f"{path}: its metadata is missing or unreadable")
+        tree = metadata.item_metadata.tree
         args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
         return reader.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))
 
