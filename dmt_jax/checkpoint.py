@@ -1,8 +1,10 @@
 """Orbax checkpoints of the whole run: train state (step, params, optimizer, rng) + input position.
 
-Every process calls save and restore (each writes and reads its own shards). Saves are atomic:
-orbax writes `<step>.orbax-checkpoint-tmp*` and renames it, so a save that fails (a full disk) or
-is killed leaves the previous checkpoints intact; the partial directory is removed. Restore takes
+Every process calls save and restore (each writes and reads its own shards). On a disk saves are
+atomic: orbax writes `<step>.orbax-checkpoint-tmp*` and renames it, so a save that fails (a full disk)
+or is killed leaves the previous checkpoints intact; the partial directory is removed. In a bucket
+(no rename) orbax writes `<step>/` in place and writes COMMIT_FILE last: a step without it is not
+listed, never restored, and removed by orbax at the next start. Restore takes
 an abstract state carrying the current mesh's shardings, so a checkpoint restores onto any mesh or
 process count. A checkpoint that cannot be read is reported, moved aside to
 `<directory>_unreadable/` and the previous one is used; if none can be read the run stops rather
@@ -28,6 +30,7 @@ from dmt_jax import storage
 from dmt_jax.errors import UserError
 
 TMP_MARKER = ".orbax-checkpoint-tmp"
+COMMIT_FILE = "commit_success.txt"  # what orbax writes last into a step saved in a bucket
 
 
 class CheckpointError(UserError, ValueError):
@@ -163,14 +166,19 @@ class Checkpointer:
         py_logging.getLogger("absl").removeFilter(_DROP_ORBAX_RECORDS)
 
     def abort(self):
-        """Ends without waiting for a save in flight (a second Ctrl-C): what it wrote so far, the partial
-        `<step>.orbax-checkpoint-tmp*` folders, is removed (process 0; the process then ends at once)."""
+        """Ends without waiting for a save in flight (a second Ctrl-C): what it wrote so far is removed
+        (process 0; the process then ends at once): the `<step>.orbax-checkpoint-tmp*` folders on a disk;
+        in a bucket, where orbax writes `<step>/` in place and marks it finished last, the steps without
+        their COMMIT_FILE."""
         self.in_flight = None
-        if jax.process_index() == 0:
-            for child in self.directory.iterdir() if self.directory.exists() else ():
-                if TMP_MARKER in child.name:
-                    with contextlib.suppress(OSError):
-                        child.rmtree()
+        if jax.process_index() != 0 or not self.directory.exists():
+            return
+        remote = storage.is_remote(self.directory)
+        for child in self.directory.iterdir():
+            unfinished = remote and child.name.isdigit() and not (child / COMMIT_FILE).exists()
+            if TMP_MARKER in child.name or unfinished:
+                with contextlib.suppress(OSError):
+                    child.rmtree()
         py_logging.getLogger("absl").removeFilter(_DROP_ORBAX_RECORDS)
 
     def _attempt(self, action) -> str:
