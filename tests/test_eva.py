@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import re
 
 import jax
 import jax.numpy as jnp
@@ -12,8 +11,10 @@ import pytest
 import torch
 from timm.models.eva import Eva as TimmEva
 
+from dmt_jax import convert
+from dmt_jax.formats import names_eva
 from dmt_jax.models.eva import Eva, EvaConfig, rope_tables
-from dmt_jax.teachers import unflatten_params
+from dmt_jax.teachers import Teacher, TeacherStack, flatten_params, load_teacher, unflatten_params
 
 try:
     from tests import checkpoint_layouts as layouts
@@ -57,15 +58,10 @@ def random_timm_eva(config: EvaConfig, seed: int = 0) -> TimmEva:
 
 
 def flax_params(timm_model: TimmEva) -> dict:
-    """timm Eva state dict -> the Flax Eva's params (Linear transposed, conv OIHW -> HWIO)."""
-    flat = {}
-    for name, tensor in timm_model.state_dict().items():
-        a = tensor.detach().numpy()
-        path = re.sub(r"^blocks\.(\d+)\.", r"blocks_\1/", name).replace(".", "/")
-        if path.endswith("/weight"):  # Linear / conv kernels, LayerNorm scales
-            path = path[: -len("weight")] + ("kernel" if a.ndim >= 2 else "scale")
-        flat[path] = a.transpose(2, 3, 1, 0) if a.ndim == 4 else a.T if a.ndim == 2 else a
-    return unflatten_params(flat)
+    """timm Eva state dict -> the Flax Eva's params, through the name table conversion uses."""
+    return unflatten_params(
+        names_eva.TABLE.to_flax({k: v.numpy() for k, v in timm_model.state_dict().items()})
+    )
 
 
 def random_images(config: EvaConfig, batch: int = 2, seed: int = 0) -> torch.Tensor:
@@ -121,6 +117,19 @@ def test_options_equal_timm(name, config):
     check_against_timm(config, seed=3)
 
 
+def test_name_table_reads_both_ways():
+    """Flax params -> timm names loads strictly into timm's Eva (every tensor, no other)."""
+    config = dataclasses.replace(TINY, attn_norm=True, proj_dim=16, num_reg_tokens=2)
+    source, target = random_timm_eva(config, seed=1), random_timm_eva(config, seed=2)
+    back = names_eva.flax_to_timm(flatten_params(flax_params(source)))
+    target.load_state_dict(
+        {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in back.items()}, strict=True
+    )
+    for name, tensor in source.state_dict().items():
+        assert torch.equal(target.state_dict()[name], tensor), name
+    assert set(names_eva.expected_timm_shapes(config)) == set(source.state_dict())
+
+
 def test_rope_tables_equal_timm():
     config = dataclasses.replace(TINY, img_size=448)
     timm_model = random_timm_eva(config)
@@ -160,7 +169,7 @@ def test_bfloat16_close_to_float32():
 
 def test_wrong_image_size_is_one_line():
     with pytest.raises(ValueError, match="--img-size"):
-        Eva(TINY).init(jax.random.PRNGKey(0), jnp.zeros((1, 70, 70, 3)))
+        jax.eval_shape(Eva(TINY).init, jax.random.PRNGKey(0), jnp.zeros((1, 70, 70, 3)))
 
 
 def test_config_round_trip_and_errors():
@@ -169,7 +178,7 @@ def test_config_round_trip_and_errors():
     assert hash(config) == hash(EvaConfig.from_dict(config.to_dict()))
     assert (config.grid, config.head_dim, config.num_tokens) == (24, 64, 1 + 24 * 24)
     d = config.to_dict()
-    with pytest.raises(ValueError, match=r"unknown \['extra'\], missing \['width'\]"):
+    with pytest.raises(ValueError, match=r"lacks the fields \['width'\] and has unknown fields \['extra'\]"):
         EvaConfig.from_dict({**{k: v for k, v in d.items() if k != "width"}, "extra": 1})
     with pytest.raises(ValueError, match="head width divisible by 4"):
         EvaConfig(width=60, depth=1, num_heads=2, mlp_dim=8)
@@ -177,3 +186,245 @@ def test_config_round_trip_and_errors():
         EvaConfig(width=64, depth=1, num_heads=2, mlp_dim=8, img_size=100)
     with pytest.raises(ValueError, match="unknown EVA-02 preset"):
         EvaConfig.preset("G/14")
+
+
+# ---------------------------------------------------------------- conversion of the official layouts
+
+# EVA's names for timm's (eva.checkpoint_filter_fn, read backwards).
+TO_OFFICIAL = (
+    ("attn.q_proj.bias", "attn.q_bias"),
+    ("attn.v_proj.bias", "attn.v_bias"),
+    ("attn.norm.", "attn.inner_attn_ln."),
+    ("mlp.norm.", "mlp.ffn_ln."),
+    ("mlp.fc1_g.", "mlp.w1."),
+    ("mlp.fc1_x.", "mlp.w2."),
+    ("mlp.fc2.", "mlp.w3."),
+    ("mlp.fc1.", "mlp.w12."),  # Ti/S: timm's packed GluMlp is xformers' SwiGLU w12 (rows w1; w2)
+)
+# Released shapes at test size: 64-wide heads (the format's fixed head width), 16-grid RoPE.
+SMALL = EvaConfig(width=128, depth=2, num_heads=2, mlp_dim=340, patch_size=14, img_size=56)
+SMALL_CLIP = dataclasses.replace(SMALL, patch_size=16, img_size=64, attn_norm=True, proj_dim=48)
+SMALL_FUSED = dataclasses.replace(SMALL, mlp_norm=False)  # EVA-02 Ti/S: fused qkv and w12, no ffn_ln
+
+
+def official_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, tensor in model.state_dict().items():
+        for timm_name, official in TO_OFFICIAL:
+            name = name.replace(timm_name, official)
+        out[name] = tensor.detach().clone()
+    return out
+
+
+def junk(config: EvaConfig, *names_shapes) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(99)
+    return {name: torch.randn(shape, generator=gen) for name, shape in names_shapes}
+
+
+def rope_buffers(config: EvaConfig, prefix: str = "") -> dict[str, torch.Tensor]:
+    """EVA's persistent RoPE buffers (the shared module and its alias in every block): noise, so that
+    reading them instead of recomputing the rotation would show."""
+    shape = (config.grid**2, config.head_dim)
+    names = ["rope."] + [f"blocks.{i}.attn.rope." for i in range(config.depth)]
+    return junk(config, *[(f"{prefix}{n}freqs_{f}", shape) for n in names for f in ("cos", "sin")])
+
+
+def text_tower(prefix: str = "text.") -> dict[str, torch.Tensor]:
+    return junk(
+        None,
+        (f"{prefix}token_embedding.weight", (100, 32)),
+        (f"{prefix}positional_embedding", (77, 32)),
+        (f"{prefix}transformer.resblocks.0.attn.in_proj_weight", (96, 32)),
+        (f"{prefix}ln_final.weight", (32,)),
+        (f"{prefix}text_projection", (32, 48)),
+        ("logit_scale", ()),
+    )
+
+
+def mim_layout(model, config, wrapper="module"):
+    """eva02_*_pt_*_p14.pt: the MIM model (mask_token, lm_head) with EVA's RoPE buffers."""
+    sd = official_state(model) | rope_buffers(config)
+    sd |= junk(config, ("mask_token", (1, 1, config.width)), ("lm_head.weight", (64, config.width)))
+    sd |= junk(config, ("lm_head.bias", (64,)))
+    return {wrapper: sd, "epoch": 99} if wrapper else sd
+
+
+def eva_clip_layout(model, config, ddp=False):
+    """EVA02_CLIP_*.pt: the whole CLIP; the vision tower under visual. (with its projection head)."""
+    sd = {f"visual.{k}": v for k, v in (official_state(model) | rope_buffers(config)).items()}
+    sd |= text_tower()
+    return {"state_dict": {f"module.{k}": v for k, v in sd.items()}} if ddp else sd
+
+
+def fused_timm_eva(config: EvaConfig, seed: int) -> TimmEva:
+    """EVA-02 Ti/S as timm builds them: fused qkv (q/v bias), packed SwiGLU, no ffn_ln."""
+    model = TimmEva(
+        img_size=config.img_size,
+        patch_size=config.patch_size,
+        embed_dim=config.width,
+        depth=config.depth,
+        num_heads=config.num_heads,
+        mlp_ratio=(config.mlp_dim + 0.5) / config.width,
+        swiglu_mlp=True,
+        use_rot_pos_emb=True,
+        ref_feat_shape=(16, 16),
+        global_pool="token",
+        num_classes=0,
+    )
+    layouts.randomize_(model, seed)
+    return model.eval()
+
+
+def openclip_visual(config: EvaConfig, seed: int):
+    """OpenCLIP's EVA02-B-16 vision tower (a timm trunk whose head is the projection), cut to
+    config.depth blocks; returns (the tower, its file)."""
+    from open_clip.timm_model import TimmModel
+
+    visual = TimmModel("eva02_base_patch16_clip_224", embed_dim=config.proj_dim, pool="token", proj=None)
+    visual.trunk.blocks = visual.trunk.blocks[: config.depth]
+    layouts.randomize_(visual, seed)
+    visual.eval()
+    return visual, {f"visual.{k}": v.detach().clone() for k, v in visual.state_dict().items()} | text_tower()
+
+
+def convert_and_load(ckpt, tmp_path, *args):
+    src, out = tmp_path / "eva.pt", tmp_path / "teacher"
+    torch.save(ckpt, src)
+    assert convert.main([str(src), str(out), *map(str, args)]) == 0
+    return load_teacher(out)
+
+
+def assert_teacher_equals(teacher, images: torch.Tensor, tokens, summary):
+    x = nhwc(images)
+    assert relative_error(teacher.features(x), tokens) <= TOLERANCE
+    assert relative_error(teacher.summary(x), summary) <= TOLERANCE
+
+
+LAYOUTS = {
+    "mim_module": (SMALL, lambda m, c: mim_layout(m, c, "module")),
+    "mim_model": (SMALL, lambda m, c: mim_layout(m, c, "model")),
+    "mim_plain": (SMALL, lambda m, c: mim_layout(m, c, None)),
+    "mim_fused_tiny_small": (SMALL_FUSED, mim_layout),
+    "eva_clip": (SMALL_CLIP, eva_clip_layout),
+    "eva_clip_ddp_state_dict": (SMALL_CLIP, lambda m, c: eva_clip_layout(m, c, ddp=True)),
+}
+
+
+@pytest.mark.parametrize("case", list(LAYOUTS))
+def test_official_layouts_convert_exactly(case, tmp_path):
+    config, layout = LAYOUTS[case]
+    model = fused_timm_eva(config, 7) if case.startswith("mim_fused") else random_timm_eva(config, 7)
+    images = random_images(config)
+    teacher = convert_and_load(layout(model, config), tmp_path)
+    assert (teacher.spec.format, teacher.spec.family, teacher.spec.config) == ("eva02", "eva", config)
+    assert teacher.spec.mean == (0.48145466, 0.4578275, 0.40821073)
+    assert_teacher_equals(teacher, images, *timm_reference(model, images))
+
+
+def test_openclip_tower_converts_exactly_to_open_clips_encode_image(tmp_path):
+    config = EvaConfig.preset("CLIP-B/16", depth=2, mlp_norm=True)
+    visual, ckpt = openclip_visual(config, seed=8)
+    images = random_images(config, batch=1)
+    with torch.no_grad():
+        tokens, summary = visual.trunk.forward_features(images).numpy(), visual(images).numpy()
+    teacher = convert_and_load(ckpt, tmp_path)
+    assert teacher.spec.config == config
+    assert_teacher_equals(teacher, images, tokens, summary)
+
+
+def eva_interpolate(pos_embed: torch.Tensor, new_grid: int) -> torch.Tensor:
+    """EVA-02's run_class_finetuning / EVA-CLIP's resize_evaclip_pos_embed, verbatim in effect."""
+    extra, grid = pos_embed[:, :1], pos_embed[:, 1:]
+    old = int(grid.shape[1] ** 0.5)
+    grid = grid.reshape(-1, old, old, grid.shape[-1]).permute(0, 3, 1, 2)
+    grid = torch.nn.functional.interpolate(
+        grid, size=(new_grid, new_grid), mode="bicubic", align_corners=False
+    )
+    return torch.cat([extra, grid.permute(0, 2, 3, 1).flatten(1, 2)], dim=1)
+
+
+@pytest.mark.parametrize("new_size", [112, 28])  # the 448-from-224 case at test size, and a smaller one
+def test_img_size_resizes_pos_embed_as_eva_and_recomputes_rope(new_size, tmp_path):
+    model = random_timm_eva(SMALL, seed=9)
+    teacher = convert_and_load(mim_layout(model, SMALL), tmp_path, "--img-size", new_size)
+    resized = dataclasses.replace(SMALL, img_size=new_size)
+    assert teacher.spec.config == resized and teacher.spec.pos_embed_resize == "bicubic_size"
+    # timm at the new size (RoPE on the new grid, 16-grid frequencies) with EVA's resized table
+    reference = random_timm_eva(resized, seed=9)
+    state = model.state_dict() | {"pos_embed": eva_interpolate(model.pos_embed.detach(), new_size // 14)}
+    reference.load_state_dict(state)
+    images = random_images(resized)
+    assert_teacher_equals(teacher, images, *timm_reference(reference, images))
+
+
+def expect_refusal(capsys, tmp_path, ckpt, *fragments):
+    torch.save(ckpt, tmp_path / "bad.pt")
+    assert convert.main([str(tmp_path / "bad.pt"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("dmt-convert: error: "), err
+    for fragment in fragments:
+        assert fragment in err, err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def small_mim():
+    return mim_layout(random_timm_eva(SMALL, seed=10), SMALL, None)
+
+
+def test_refuses_a_missing_block(capsys, tmp_path, small_mim):
+    ckpt = {k: v for k, v in small_mim.items() if not k.startswith("blocks.0.")}
+    expect_refusal(capsys, tmp_path, ckpt, "not numbered 0..0", "blocks 0 missing")
+
+
+def test_refuses_an_extra_block(capsys, tmp_path, small_mim):
+    extra = {
+        k.replace("blocks.1.", "blocks.3."): v for k, v in small_mim.items() if k.startswith("blocks.1.")
+    }
+    expect_refusal(capsys, tmp_path, small_mim | extra, "not numbered", "missing")
+
+
+def test_refuses_a_missing_w3(capsys, tmp_path, small_mim):
+    ckpt = {k: v for k, v in small_mim.items() if k != "blocks.1.mlp.w3.weight"}
+    expect_refusal(capsys, tmp_path, ckpt, "missing tensors: blocks.1.mlp.fc2.weight", "w3")
+
+
+def test_refuses_nan_weights(capsys, tmp_path, small_mim):
+    ckpt = dict(small_mim)
+    ckpt["blocks.1.mlp.w1.weight"] = ckpt["blocks.1.mlp.w1.weight"].clone()
+    ckpt["blocks.1.mlp.w1.weight"][0, 0] = float("nan")
+    expect_refusal(capsys, tmp_path, ckpt, "NaN", "fc1_g")
+
+
+def test_refuses_a_fine_tuned_classifier(capsys, tmp_path, small_mim):
+    ckpt = {k: v for k, v in small_mim.items() if not k.startswith("norm.")}
+    ckpt |= junk(SMALL, ("fc_norm.weight", (128,)), ("fc_norm.bias", (128,)), ("head.weight", (10, 128)))
+    expect_refusal(capsys, tmp_path, ckpt, "fine-tuned classifier", "MIM")
+
+
+def test_num_heads_option(tmp_path):
+    """--num-heads for a tower whose heads are not 64 wide (the tensors cannot tell)."""
+    config = dataclasses.replace(SMALL, num_heads=4)
+    model = random_timm_eva(config, seed=11)
+    teacher = convert_and_load(mim_layout(model, config), tmp_path, "--num-heads", 4)
+    assert teacher.spec.config == config
+    images = random_images(config)
+    assert_teacher_equals(teacher, images, *timm_reference(model, images))
+
+
+def test_teacher_stack_vmaps_eva_teachers_exactly(tmp_path):
+    """Two EVA-CLIP teachers of one shape: one vmapped group, each equal to itself alone."""
+    model = random_timm_eva(SMALL_CLIP, seed=12)
+    first = convert_and_load(eva_clip_layout(model, SMALL_CLIP), tmp_path)
+    second = Teacher(first.spec, jax.tree.map(lambda a: np.asarray(a) * 0.9, first.params))
+    stack = TeacherStack([first, second], dtype=jnp.float32)
+    pixels = jax.random.randint(jax.random.PRNGKey(0), (2, 64, 64, 3), 0, 256).astype(jnp.uint8)
+    keep = jnp.asarray([[0, 3, 5], [1, 2, 15]], jnp.int32)
+    features = jax.jit(stack.features)(stack.params, pixels)
+    tokens = jax.jit(stack.apply)(stack.params, pixels, keep)  # the DMT path: CLS, visible patches
+    for teacher, out, dmt in zip((first, second), features, tokens, strict=True):
+        alone = teacher.forward(teacher.normalize(pixels))
+        for ours, reference in zip(jax.tree.leaves(out), jax.tree.leaves(alone), strict=True):
+            assert relative_error(ours, reference) <= TOLERANCE
+        visible = jnp.take_along_axis(alone.patches, keep[:, :, None], axis=1)
+        assert relative_error(dmt, jnp.concatenate([alone.prefix[:, :1], visible], axis=1)) <= TOLERANCE

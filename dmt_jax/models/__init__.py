@@ -9,6 +9,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from dmt_jax.models.eva import Eva, EvaConfig
 from dmt_jax.models.features import Features
 from dmt_jax.models.vit import (
     VARIANTS,
@@ -22,6 +23,7 @@ from dmt_jax.models.vit import (
 
 FAMILIES: dict[str, tuple[type, type]] = {
     "vit": (ViTConfig, ViT),
+    "eva": (EvaConfig, Eva),
 }
 
 
@@ -46,6 +48,8 @@ def build_model(family: str, config, dtype: Any = jnp.float32, attention: str = 
 
 __all__ = [
     "FAMILIES",
+    "Eva",
+    "EvaConfig",
     "VARIANTS",
     "Features",
     "ViT",

@@ -23,12 +23,13 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from dmt_jax.models.family import FamilyConfig
 from dmt_jax.models.features import Features
 from dmt_jax.models.vit import PatchEmbed, attention_implementation
 
 
 @dataclasses.dataclass(frozen=True)
-class EvaConfig:
+class EvaConfig(FamilyConfig):
     """Everything needed to rebuild an EVA-02 encoder; spec.json records every field."""
 
     width: int
@@ -48,21 +49,23 @@ class EvaConfig:
     num_reg_tokens: int = 0  # registers after CLS; they share the position table's prefix rows, as in timm
     proj_dim: int = 0  # EVA-CLIP's image projection `head` (the summary is head(CLS)); 0: none
 
+    POSITIVE = ("width", "depth", "num_heads", "mlp_dim", "patch_size", "img_size", "rope_ref_grid")
+
     def __post_init__(self):
+        self.check()
+
+    def range_problems(self) -> list[str]:
         problems = []
-        if min(self.width, self.depth, self.num_heads, self.mlp_dim, self.patch_size, self.img_size) <= 0:
-            problems.append("width, depth, num_heads, mlp_dim, patch_size and img_size must be positive")
-        elif self.width % self.num_heads or (self.width // self.num_heads) % 4:
+        if self.width % self.num_heads or (self.width // self.num_heads) % 4:
             problems.append(
                 f"width {self.width} / num_heads {self.num_heads} must give a head width divisible by 4 "
                 "(2-D RoPE rotates pairs on each axis)"
             )
-        elif self.img_size % self.patch_size:
+        if self.img_size % self.patch_size:
             problems.append(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
-        if self.rope_ref_grid <= 0 or self.num_reg_tokens < 0 or self.proj_dim < 0:
-            problems.append("rope_ref_grid must be positive, num_reg_tokens and proj_dim non-negative")
-        if problems:
-            raise ValueError(f"bad EvaConfig: {'; '.join(problems)}")
+        if self.rope_theta <= 0 or self.ln_eps <= 0:
+            problems.append(f"rope_theta {self.rope_theta} and ln_eps {self.ln_eps} must be positive")
+        return problems
 
     @property
     def grid(self) -> int:
@@ -81,20 +84,21 @@ class EvaConfig:
     def num_tokens(self) -> int:
         return self.num_prefix_tokens + self.grid**2
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+    @property
+    def summary_dim(self) -> int:
+        return self.proj_dim or self.width
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> EvaConfig:
-        """The inverse of to_dict: every field present, none unknown (a one-line ValueError otherwise)."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown, missing = sorted(set(d) - names), sorted(names - set(d))
-        if unknown or missing:
-            raise ValueError(
-                f"EvaConfig fields: unknown {unknown or 'none'}, missing {missing or 'none'} "
-                "(the teacher directory was written by another version: convert it again)"
-            )
-        return cls(**d)
+    @property
+    def variant(self) -> str:
+        """'EVA02-B/14', 'EVA02-CLIP-L/14' for the released widths; the numbers otherwise."""
+        sizes = {(192, 12): "Ti", (384, 12): "S", (768, 12): "B", (1024, 24): "L"}
+        name = sizes.get((self.width, self.depth), f"w{self.width}d{self.depth}")
+        return f"EVA02-{'CLIP-' if self.proj_dim else ''}{name}/{self.patch_size}"
+
+    def describe(self) -> str:
+        return (f"{self.variant} (width {self.width}, depth {self.depth}, heads {self.num_heads}, SwiGLU "
+                f"{self.mlp_dim}, patch {self.patch_size}, grid {self.grid}, RoPE grid {self.rope_ref_grid}, "
+                f"registers {self.num_reg_tokens}, projection {self.proj_dim or 'none'})")  # fmt: skip
 
     @classmethod
     def preset(cls, name: str, **override) -> EvaConfig:
