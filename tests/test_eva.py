@@ -30,33 +30,6 @@ def relative_error(ours, reference) -> float:
     return float(np.linalg.norm(ours - reference) / np.linalg.norm(reference))
 
 
-def random_timm_eva(config: EvaConfig, seed: int = 0) -> TimmEva:
-    """timm's Eva shaped by `config` (global_pool='token': the final norm on every token, as the MIM
-    and EVA-CLIP files have it), random values everywhere."""
-    model = TimmEva(
-        img_size=config.img_size,
-        patch_size=config.patch_size,
-        embed_dim=config.width,
-        depth=config.depth,
-        num_heads=config.num_heads,
-        qkv_fused=False,
-        qkv_bias=config.qv_bias,
-        mlp_ratio=(config.mlp_dim + 0.5) / config.width,  # timm takes int(width * ratio)
-        swiglu_mlp=True,
-        swiglu_align_to=1,  # separate fc1_g / fc1_x also without the hidden norm (EVA's w1 / w2)
-        scale_mlp=config.mlp_norm,
-        scale_attn_inner=config.attn_norm,
-        use_rot_pos_emb=True,
-        ref_feat_shape=(config.rope_ref_grid, config.rope_ref_grid),
-        num_reg_tokens=config.num_reg_tokens,
-        global_pool="token",
-        num_classes=config.proj_dim,
-    )
-    assert model.blocks[0].mlp.fc1_g.out_features == config.mlp_dim
-    layouts.randomize_(model, seed)
-    return model.eval()
-
-
 def flax_params(timm_model: TimmEva) -> dict:
     """timm Eva state dict -> the Flax Eva's params, through the name table conversion uses."""
     return unflatten_params(
@@ -82,7 +55,7 @@ def timm_reference(model: TimmEva, images: torch.Tensor):
 
 
 def check_against_timm(config: EvaConfig, seed: int = 0, batch: int = 2):
-    timm_model = random_timm_eva(config, seed)
+    timm_model = layouts.random_timm_eva(config, seed)
     images = random_images(config, batch, seed)
     tokens, summary = timm_reference(timm_model, images)
     out = jax.jit(Eva(config).apply)({"params": flax_params(timm_model)}, nhwc(images))
@@ -120,7 +93,7 @@ def test_options_equal_timm(name, config):
 def test_name_table_reads_both_ways():
     """Flax params -> timm names loads strictly into timm's Eva (every tensor, no other)."""
     config = dataclasses.replace(TINY, attn_norm=True, proj_dim=16, num_reg_tokens=2)
-    source, target = random_timm_eva(config, seed=1), random_timm_eva(config, seed=2)
+    source, target = layouts.random_timm_eva(config, seed=1), layouts.random_timm_eva(config, seed=2)
     back = names_eva.flax_to_timm(flatten_params(flax_params(source)))
     target.load_state_dict(
         {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in back.items()}, strict=True
@@ -132,7 +105,7 @@ def test_name_table_reads_both_ways():
 
 def test_rope_tables_equal_timm():
     config = dataclasses.replace(TINY, img_size=448)
-    timm_model = random_timm_eva(config)
+    timm_model = layouts.random_timm_eva(config)
     sin, cos = np.split(timm_model.rope.get_embed().numpy(), 2, axis=-1)
     ours_sin, ours_cos = rope_tables(config)
     p = config.num_prefix_tokens
@@ -144,7 +117,7 @@ def test_rope_tables_equal_timm():
 def test_output_patches_equal_the_full_forward():
     """The teacher's last-block-only-at-visible-patches path: the same values as gathering after."""
     config = dataclasses.replace(TINY, num_reg_tokens=1)
-    timm_model = random_timm_eva(config, seed=5)
+    timm_model = layouts.random_timm_eva(config, seed=5)
     params = {"params": flax_params(timm_model)}
     images = nhwc(random_images(config))
     keep = jnp.asarray([[0, 5, 7, 15], [3, 2, 9, 11]], jnp.int32)
@@ -159,7 +132,7 @@ def test_output_patches_equal_the_full_forward():
 
 def test_bfloat16_close_to_float32():
     config = TINY
-    params = {"params": flax_params(random_timm_eva(config, seed=2))}
+    params = {"params": flax_params(layouts.random_timm_eva(config, seed=2))}
     images = nhwc(random_images(config))
     full = jax.jit(Eva(config).apply)(params, images).tokens()
     half = jax.jit(Eva(config, dtype=jnp.bfloat16).apply)(params, images.astype(jnp.bfloat16)).tokens()
@@ -190,101 +163,9 @@ def test_config_round_trip_and_errors():
 
 # ---------------------------------------------------------------- conversion of the official layouts
 
-# EVA's names for timm's (eva.checkpoint_filter_fn, read backwards).
-TO_OFFICIAL = (
-    ("attn.q_proj.bias", "attn.q_bias"),
-    ("attn.v_proj.bias", "attn.v_bias"),
-    ("attn.norm.", "attn.inner_attn_ln."),
-    ("mlp.norm.", "mlp.ffn_ln."),
-    ("mlp.fc1_g.", "mlp.w1."),
-    ("mlp.fc1_x.", "mlp.w2."),
-    ("mlp.fc2.", "mlp.w3."),
-    ("mlp.fc1.", "mlp.w12."),  # Ti/S: timm's packed GluMlp is xformers' SwiGLU w12 (rows w1; w2)
-)
-# Released shapes at test size: 64-wide heads (the format's fixed head width), 16-grid RoPE.
 SMALL = EvaConfig(width=128, depth=2, num_heads=2, mlp_dim=340, patch_size=14, img_size=56)
 SMALL_CLIP = dataclasses.replace(SMALL, patch_size=16, img_size=64, attn_norm=True, proj_dim=48)
 SMALL_FUSED = dataclasses.replace(SMALL, mlp_norm=False)  # EVA-02 Ti/S: fused qkv and w12, no ffn_ln
-
-
-def official_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    out = {}
-    for name, tensor in model.state_dict().items():
-        for timm_name, official in TO_OFFICIAL:
-            name = name.replace(timm_name, official)
-        out[name] = tensor.detach().clone()
-    return out
-
-
-def junk(config: EvaConfig, *names_shapes) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(99)
-    return {name: torch.randn(shape, generator=gen) for name, shape in names_shapes}
-
-
-def rope_buffers(config: EvaConfig, prefix: str = "") -> dict[str, torch.Tensor]:
-    """EVA's persistent RoPE buffers (the shared module and its alias in every block): noise, so that
-    reading them instead of recomputing the rotation would show."""
-    shape = (config.grid**2, config.head_dim)
-    names = ["rope."] + [f"blocks.{i}.attn.rope." for i in range(config.depth)]
-    return junk(config, *[(f"{prefix}{n}freqs_{f}", shape) for n in names for f in ("cos", "sin")])
-
-
-def text_tower(prefix: str = "text.") -> dict[str, torch.Tensor]:
-    return junk(
-        None,
-        (f"{prefix}token_embedding.weight", (100, 32)),
-        (f"{prefix}positional_embedding", (77, 32)),
-        (f"{prefix}transformer.resblocks.0.attn.in_proj_weight", (96, 32)),
-        (f"{prefix}ln_final.weight", (32,)),
-        (f"{prefix}text_projection", (32, 48)),
-        ("logit_scale", ()),
-    )
-
-
-def mim_layout(model, config, wrapper="module"):
-    """eva02_*_pt_*_p14.pt: the MIM model (mask_token, lm_head) with EVA's RoPE buffers."""
-    sd = official_state(model) | rope_buffers(config)
-    sd |= junk(config, ("mask_token", (1, 1, config.width)), ("lm_head.weight", (64, config.width)))
-    sd |= junk(config, ("lm_head.bias", (64,)))
-    return {wrapper: sd, "epoch": 99} if wrapper else sd
-
-
-def eva_clip_layout(model, config, ddp=False):
-    """EVA02_CLIP_*.pt: the whole CLIP; the vision tower under visual. (with its projection head)."""
-    sd = {f"visual.{k}": v for k, v in (official_state(model) | rope_buffers(config)).items()}
-    sd |= text_tower()
-    return {"state_dict": {f"module.{k}": v for k, v in sd.items()}} if ddp else sd
-
-
-def fused_timm_eva(config: EvaConfig, seed: int) -> TimmEva:
-    """EVA-02 Ti/S as timm builds them: fused qkv (q/v bias), packed SwiGLU, no ffn_ln."""
-    model = TimmEva(
-        img_size=config.img_size,
-        patch_size=config.patch_size,
-        embed_dim=config.width,
-        depth=config.depth,
-        num_heads=config.num_heads,
-        mlp_ratio=(config.mlp_dim + 0.5) / config.width,
-        swiglu_mlp=True,
-        use_rot_pos_emb=True,
-        ref_feat_shape=(16, 16),
-        global_pool="token",
-        num_classes=0,
-    )
-    layouts.randomize_(model, seed)
-    return model.eval()
-
-
-def openclip_visual(config: EvaConfig, seed: int):
-    """OpenCLIP's EVA02-B-16 vision tower (a timm trunk whose head is the projection), cut to
-    config.depth blocks; returns (the tower, its file)."""
-    from open_clip.timm_model import TimmModel
-
-    visual = TimmModel("eva02_base_patch16_clip_224", embed_dim=config.proj_dim, pool="token", proj=None)
-    visual.trunk.blocks = visual.trunk.blocks[: config.depth]
-    layouts.randomize_(visual, seed)
-    visual.eval()
-    return visual, {f"visual.{k}": v.detach().clone() for k, v in visual.state_dict().items()} | text_tower()
 
 
 def convert_and_load(ckpt, tmp_path, *args):
@@ -301,19 +182,23 @@ def assert_teacher_equals(teacher, images: torch.Tensor, tokens, summary):
 
 
 LAYOUTS = {
-    "mim_module": (SMALL, lambda m, c: mim_layout(m, c, "module")),
-    "mim_model": (SMALL, lambda m, c: mim_layout(m, c, "model")),
-    "mim_plain": (SMALL, lambda m, c: mim_layout(m, c, None)),
-    "mim_fused_tiny_small": (SMALL_FUSED, mim_layout),
-    "eva_clip": (SMALL_CLIP, eva_clip_layout),
-    "eva_clip_ddp_state_dict": (SMALL_CLIP, lambda m, c: eva_clip_layout(m, c, ddp=True)),
+    "mim_module": (SMALL, lambda m, c: layouts.mim_layout(m, c, "module")),
+    "mim_model": (SMALL, lambda m, c: layouts.mim_layout(m, c, "model")),
+    "mim_plain": (SMALL, lambda m, c: layouts.mim_layout(m, c, None)),
+    "mim_fused_tiny_small": (SMALL_FUSED, layouts.mim_layout),
+    "eva_clip": (SMALL_CLIP, layouts.eva_clip_layout),
+    "eva_clip_ddp_state_dict": (SMALL_CLIP, lambda m, c: layouts.eva_clip_layout(m, c, ddp=True)),
 }
 
 
 @pytest.mark.parametrize("case", list(LAYOUTS))
 def test_official_layouts_convert_exactly(case, tmp_path):
     config, layout = LAYOUTS[case]
-    model = fused_timm_eva(config, 7) if case.startswith("mim_fused") else random_timm_eva(config, 7)
+    model = (
+        layouts.fused_timm_eva(config, 7)
+        if case.startswith("mim_fused")
+        else layouts.random_timm_eva(config, 7)
+    )
     images = random_images(config)
     teacher = convert_and_load(layout(model, config), tmp_path)
     assert (teacher.spec.format, teacher.spec.family, teacher.spec.config) == ("eva02", "eva", config)
@@ -323,7 +208,7 @@ def test_official_layouts_convert_exactly(case, tmp_path):
 
 def test_openclip_tower_converts_exactly_to_open_clips_encode_image(tmp_path):
     config = EvaConfig.preset("CLIP-B/16", depth=2, mlp_norm=True)
-    visual, ckpt = openclip_visual(config, seed=8)
+    visual, ckpt = layouts.openclip_visual(config, seed=8)
     images = random_images(config, batch=1)
     with torch.no_grad():
         tokens, summary = visual.trunk.forward_features(images).numpy(), visual(images).numpy()
@@ -345,12 +230,12 @@ def eva_interpolate(pos_embed: torch.Tensor, new_grid: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("new_size", [112, 28])  # the 448-from-224 case at test size, and a smaller one
 def test_img_size_resizes_pos_embed_as_eva_and_recomputes_rope(new_size, tmp_path):
-    model = random_timm_eva(SMALL, seed=9)
-    teacher = convert_and_load(mim_layout(model, SMALL), tmp_path, "--img-size", new_size)
+    model = layouts.random_timm_eva(SMALL, seed=9)
+    teacher = convert_and_load(layouts.mim_layout(model, SMALL), tmp_path, "--img-size", new_size)
     resized = dataclasses.replace(SMALL, img_size=new_size)
     assert teacher.spec.config == resized and teacher.spec.pos_embed_resize == "bicubic_size"
     # timm at the new size (RoPE on the new grid, 16-grid frequencies) with EVA's resized table
-    reference = random_timm_eva(resized, seed=9)
+    reference = layouts.random_timm_eva(resized, seed=9)
     state = model.state_dict() | {"pos_embed": eva_interpolate(model.pos_embed.detach(), new_size // 14)}
     reference.load_state_dict(state)
     images = random_images(resized)
@@ -369,7 +254,7 @@ def expect_refusal(capsys, tmp_path, ckpt, *fragments):
 
 @pytest.fixture(scope="module")
 def small_mim():
-    return mim_layout(random_timm_eva(SMALL, seed=10), SMALL, None)
+    return layouts.mim_layout(layouts.random_timm_eva(SMALL, seed=10), SMALL, None)
 
 
 def test_refuses_a_missing_block(capsys, tmp_path, small_mim):
@@ -398,15 +283,15 @@ def test_refuses_nan_weights(capsys, tmp_path, small_mim):
 
 def test_refuses_a_fine_tuned_classifier(capsys, tmp_path, small_mim):
     ckpt = {k: v for k, v in small_mim.items() if not k.startswith("norm.")}
-    ckpt |= junk(SMALL, ("fc_norm.weight", (128,)), ("fc_norm.bias", (128,)), ("head.weight", (10, 128)))
+    ckpt |= layouts.junk(("fc_norm.weight", (128,)), ("fc_norm.bias", (128,)), ("head.weight", (10, 128)))
     expect_refusal(capsys, tmp_path, ckpt, "fine-tuned classifier", "MIM")
 
 
 def test_num_heads_option(tmp_path):
     """--num-heads for a tower whose heads are not 64 wide (the tensors cannot tell)."""
     config = dataclasses.replace(SMALL, num_heads=4)
-    model = random_timm_eva(config, seed=11)
-    teacher = convert_and_load(mim_layout(model, config), tmp_path, "--num-heads", 4)
+    model = layouts.random_timm_eva(config, seed=11)
+    teacher = convert_and_load(layouts.mim_layout(model, config), tmp_path, "--num-heads", 4)
     assert teacher.spec.config == config
     images = random_images(config)
     assert_teacher_equals(teacher, images, *timm_reference(model, images))
@@ -414,8 +299,8 @@ def test_num_heads_option(tmp_path):
 
 def test_teacher_stack_vmaps_eva_teachers_exactly(tmp_path):
     """Two EVA-CLIP teachers of one shape: one vmapped group, each equal to itself alone."""
-    model = random_timm_eva(SMALL_CLIP, seed=12)
-    first = convert_and_load(eva_clip_layout(model, SMALL_CLIP), tmp_path)
+    model = layouts.random_timm_eva(SMALL_CLIP, seed=12)
+    first = convert_and_load(layouts.eva_clip_layout(model, SMALL_CLIP), tmp_path)
     second = Teacher(first.spec, jax.tree.map(lambda a: np.asarray(a) * 0.9, first.params))
     stack = TeacherStack([first, second], dtype=jnp.float32)
     pixels = jax.random.randint(jax.random.PRNGKey(0), (2, 64, 64, 3), 0, 256).astype(jnp.uint8)

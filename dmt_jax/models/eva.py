@@ -124,7 +124,7 @@ def rope_tables(config: EvaConfig) -> tuple[np.ndarray, np.ndarray]:
     """(sin, cos), each [num_prefix + grid^2, head_dim] float32: the rotation of every token.
 
     Prefix tokens (CLS, registers) are not rotated (sin 0, cos 1: exactly the identity). A patch at row
-    i, column j gets angles (i * s) * f_k on the first half of the pair channels and (j * s) * f_k on
+    i, column j gets angles (i * s) * f_k on the first half of the channels and (j * s) * f_k on
     the second, s = rope_ref_grid / grid, f_k = theta^(-k / (head_dim / 4)), each angle repeated for the
     two channels of its pair: timm's RotaryEmbeddingCat(in_pixels=False, ref_feat_shape) and EVA's
     VisionRotaryEmbeddingFast, computed in float32 in the same order."""
