@@ -209,11 +209,13 @@ def test_auto_refuses_to_guess_openai_or_openclip_and_act_decides(capsys, tmp_pa
     expect_refusal(capsys, tmp_path, args, "--act does not apply to --format clip")
 
 
-def test_clip_resize_is_open_clips_resize_pos_embed(tmp_path, mu_clip):
+def test_clip_resize_is_open_clips_resize_pos_embed(capsys, tmp_path, mu_clip):
     from open_clip.model import resize_pos_embed
 
     torch.save(mu_clip.state_dict(), tmp_path / "model.pth")
     assert run_cli(tmp_path / "model.pth", tmp_path / "out", "--format", "clip", "--img-size", 48) == 0
+    phases = [line.split(" ")[1] for line in capsys.readouterr().out.splitlines()]
+    assert phases == ["reading", "resizing", "writing", "wrote"]  # one line per phase of a long conversion
     teacher = load_teacher(tmp_path / "out")
     assert (teacher.spec.grid, teacher.spec.pos_embed_resize, teacher.spec.source_img_size) == (
         6,
