@@ -365,6 +365,35 @@ def test_torchscript_archives_without_tensors_or_cut_short_are_refused(capsys, t
     expect_refusal(capsys, tmp_path, [tmp_path / "cut.pt", tmp_path / "out"], "cut.pt")
 
 
+class _RunsCode:
+    """A pickle whose loading would create a directory (stands in for any code execution)."""
+
+    def __init__(self, target):
+        self.target = str(target)
+
+    def __reduce__(self):
+        import os
+
+        return (os.mkdir, (self.target,))
+
+
+def test_a_torchscript_archive_cannot_run_code(capsys, tmp_path):
+    import pickle
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "evil.pt", "w") as archive:
+        archive.writestr(
+            "evil/data.pkl", pickle.dumps({"visual.conv1.weight": _RunsCode(tmp_path / "pwned")})
+        )
+        archive.writestr("evil/code/__torch__.py", "import os\nos.mkdir('pwned')\n")
+        archive.writestr("evil/constants.pkl", pickle.dumps(()))
+    args = [tmp_path / "evil.pt", tmp_path / "out"]
+    expect_refusal(
+        capsys, tmp_path, args, "refused to read the TorchScript archive", "mkdir", "nothing was run"
+    )
+    assert not (tmp_path / "pwned").exists()
+
+
 def test_help_lists_every_format(capsys):
     from dmt_jax import formats
 
