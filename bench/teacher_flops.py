@@ -21,7 +21,7 @@ import jax.numpy as jnp
 sys.path.insert(0, str(Path(__file__).parents[1]))
 
 from dmt_jax import flops  # noqa: E402
-from dmt_jax.models import ViTConfig, build_model  # noqa: E402
+from dmt_jax.models import EvaConfig, ViTConfig, build_model  # noqa: E402
 
 # name -> (family, config): the released models' shapes (formats/clip.py, formats/siglip.py read the same
 # from the files). So400m/14 at 384 px has a 27 x 27 grid: 378 px of the image are seen.
@@ -32,6 +32,11 @@ TEACHERS = {
     "clip_l14_336": ("vit", ViTConfig(1024, 24, 16, 4096, 14, 336, proj_dim=768, **CLIP)),
     "siglip_b16_224": ("vit", ViTConfig(768, 12, 12, 3072, 16, 224, **SIGLIP)),
     "siglip_so400m14_384": ("vit", ViTConfig(1152, 27, 16, 4304, 14, 378, **SIGLIP)),
+    "eva02_b14_224": ("eva", EvaConfig.preset("B/14")),  # the MIM files (formats/eva02.py)
+    "eva02_l14_224": ("eva", EvaConfig.preset("L/14")),
+    "eva02_clip_l14_336": ("eva", EvaConfig.preset("CLIP-L/14-336")),
+    "eva02_b14_448": ("eva", EvaConfig.preset("B/14", img_size=448)),  # the size of EVA-02's fine-tunes
+    "eva02_l14_448": ("eva", EvaConfig.preset("L/14", img_size=448)),
 }
 
 
@@ -52,8 +57,11 @@ def main(argv=None) -> None:
     for name in args.names:
         family, config = TEACHERS[name]
         xla = forward_flops(family, config)
-        analytic = flops.vit_flops(config.width, config.depth, config.num_tokens + (not config.class_token),
-                                   config.patch_size, config.mlp_dim)  # fmt: skip
+        # EVA's SwiGLU has three mlp_dim x width matrices: a GELU MLP 1.5 x mlp_dim wide in FLOPs.
+        mlp_dim = config.mlp_dim * 3 // 2 if family == "eva" else config.mlp_dim
+        extra_token = not getattr(config, "class_token", True)
+        analytic = flops.vit_flops(config.width, config.depth, config.num_tokens + extra_token,
+                                   config.patch_size, mlp_dim)  # fmt: skip
         row = dict(teacher=name, family=family, img_size=config.img_size, tokens=config.num_tokens,
                    gflops_per_image=round(xla / 1e9, 2), analytic_encoder_gflops=round(analytic / 1e9, 2),
                    backend=jax.default_backend(), jax=jax.__version__)  # fmt: skip

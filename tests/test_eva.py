@@ -14,6 +14,7 @@ from timm.models.eva import Eva as TimmEva
 from dmt_jax import convert
 from dmt_jax.formats import names_eva
 from dmt_jax.models.eva import Eva, EvaConfig, rope_tables
+from dmt_jax.models.family import OPENAI_MEAN, OPENAI_STD
 from dmt_jax.teachers import Teacher, TeacherStack, flatten_params, load_teacher, unflatten_params
 
 try:
@@ -181,40 +182,50 @@ def assert_teacher_equals(teacher, images: torch.Tensor, tokens, summary):
     assert relative_error(teacher.summary(x), summary) <= TOLERANCE
 
 
-LAYOUTS = {
-    "mim_module": (SMALL, lambda m, c: layouts.mim_layout(m, c, "module")),
-    "mim_model": (SMALL, lambda m, c: layouts.mim_layout(m, c, "model")),
-    "mim_plain": (SMALL, lambda m, c: layouts.mim_layout(m, c, None)),
-    "mim_fused_tiny_small": (SMALL_FUSED, layouts.mim_layout),
-    "eva_clip": (SMALL_CLIP, layouts.eva_clip_layout),
-    "eva_clip_ddp_state_dict": (SMALL_CLIP, lambda m, c: layouts.eva_clip_layout(m, c, ddp=True)),
+LAYOUTS = {  # case -> (config, model builder, official layout); the reference is timm's Eva
+    "mim_module": (SMALL, layouts.random_timm_eva, lambda m, c: layouts.mim_layout(m, c, "module")),
+    "mim_model": (SMALL, layouts.random_timm_eva, lambda m, c: layouts.mim_layout(m, c, "model")),
+    "mim_plain": (SMALL, layouts.random_timm_eva, lambda m, c: layouts.mim_layout(m, c, None)),
+    "mim_fused_tiny_small": (SMALL_FUSED, layouts.fused_timm_eva, layouts.mim_layout),
+    "eva_clip": (SMALL_CLIP, layouts.random_timm_eva, layouts.eva_clip_layout),
+    "eva_clip_ddp": (SMALL_CLIP, layouts.random_timm_eva, lambda m, c: layouts.eva_clip_layout(m, c, True)),
+    "openclip_tower": (EvaConfig.preset("CLIP-B/16", depth=2), None, None),  # reference: open_clip
 }
+
+
+def conversion_errors(case: str, tmp_path) -> dict:
+    """The case's model with random weights, saved in its official layout, through dmt-convert and
+    load_teacher: relative errors of features and summary against the reference library."""
+    config, build, layout = LAYOUTS[case]
+    if case == "openclip_tower":  # open_clip's own module: tokens from its trunk, summary = encode_image
+        visual, ckpt = layouts.openclip_visual(config, seed=8)
+        images = random_images(config, batch=1)
+        with torch.no_grad():
+            tokens, summary = visual.trunk.forward_features(images).numpy(), visual(images).numpy()
+    else:
+        model = build(config, 7)
+        images, ckpt = random_images(config), layout(model, config)
+        tokens, summary = timm_reference(model, images)
+    teacher = convert_and_load(ckpt, tmp_path)
+    x = nhwc(images)
+    return dict(
+        case=case,
+        format=teacher.spec.format,
+        family=teacher.spec.family,
+        variant=teacher.spec.variant,
+        config_as_built=teacher.spec.config == config,
+        openai_mean_std=(teacher.spec.mean, teacher.spec.std) == (OPENAI_MEAN, OPENAI_STD),
+        features_error=relative_error(teacher.features(x), tokens),
+        summary_error=relative_error(teacher.summary(x), summary),
+    )
 
 
 @pytest.mark.parametrize("case", list(LAYOUTS))
 def test_official_layouts_convert_exactly(case, tmp_path):
-    config, layout = LAYOUTS[case]
-    model = (
-        layouts.fused_timm_eva(config, 7)
-        if case.startswith("mim_fused")
-        else layouts.random_timm_eva(config, 7)
-    )
-    images = random_images(config)
-    teacher = convert_and_load(layout(model, config), tmp_path)
-    assert (teacher.spec.format, teacher.spec.family, teacher.spec.config) == ("eva02", "eva", config)
-    assert teacher.spec.mean == (0.48145466, 0.4578275, 0.40821073)
-    assert_teacher_equals(teacher, images, *timm_reference(model, images))
-
-
-def test_openclip_tower_converts_exactly_to_open_clips_encode_image(tmp_path):
-    config = EvaConfig.preset("CLIP-B/16", depth=2, mlp_norm=True)
-    visual, ckpt = layouts.openclip_visual(config, seed=8)
-    images = random_images(config, batch=1)
-    with torch.no_grad():
-        tokens, summary = visual.trunk.forward_features(images).numpy(), visual(images).numpy()
-    teacher = convert_and_load(ckpt, tmp_path)
-    assert teacher.spec.config == config
-    assert_teacher_equals(teacher, images, tokens, summary)
+    result = conversion_errors(case, tmp_path)
+    assert (result["format"], result["family"]) == ("eva02", "eva")  # --format auto found it
+    assert result["config_as_built"] and result["openai_mean_std"]
+    assert result["features_error"] <= TOLERANCE and result["summary_error"] <= TOLERANCE
 
 
 def eva_interpolate(pos_embed: torch.Tensor, new_grid: int) -> torch.Tensor:
@@ -313,3 +324,18 @@ def test_teacher_stack_vmaps_eva_teachers_exactly(tmp_path):
             assert relative_error(ours, reference) <= TOLERANCE
         visible = jnp.take_along_axis(alone.patches, keep[:, :, None], axis=1)
         assert relative_error(dmt, jnp.concatenate([alone.prefix[:, :1], visible], axis=1)) <= TOLERANCE
+
+
+if __name__ == "__main__":
+    import contextlib
+    import json
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    jax.config.update("jax_default_matmul_precision", "highest")
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    for name in sys.argv[1:] or LAYOUTS:
+        with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(sys.stderr):
+            result = conversion_errors(name, Path(tmp))
+        print(json.dumps(result), flush=True)
