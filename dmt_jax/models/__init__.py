@@ -10,6 +10,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from dmt_jax.models.features import Features
+from dmt_jax.models.sam import SamConfig, SamEncoder
 from dmt_jax.models.vit import (
     VARIANTS,
     ViT,
@@ -22,6 +23,7 @@ from dmt_jax.models.vit import (
 
 FAMILIES: dict[str, tuple[type, type]] = {
     "vit": (ViTConfig, ViT),
+    "sam": (SamConfig, SamEncoder),
 }
 
 
@@ -48,6 +50,8 @@ __all__ = [
     "FAMILIES",
     "VARIANTS",
     "Features",
+    "SamConfig",
+    "SamEncoder",
     "ViT",
     "ViTConfig",
     "build_model",

@@ -20,15 +20,26 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from dmt_jax.models.family import FamilyConfig
 from dmt_jax.models.features import Features
 from dmt_jax.models.vit import PatchEmbed, QKVProjection, attention_implementation, dense_init
 
+# segment-anything's build_sam_vit_{b,l,h}: (embed_dim, depth, num_heads, global blocks); mlp 4x, patch 16.
+SIZES = {
+    "B": (768, 12, 12, (2, 5, 8, 11)),
+    "L": (1024, 24, 16, (5, 11, 17, 23)),
+    "H": (1280, 32, 16, (7, 15, 23, 31)),
+}
+
 
 @dataclasses.dataclass(frozen=True)
-class SamConfig:
-    """Everything needed to rebuild a SAM image encoder (hashable: teachers are grouped by it)."""
+class SamConfig(FamilyConfig):
+    """Everything needed to rebuild a SAM image encoder (hashable: teachers are grouped by it).
 
-    width: int
+    `embed_dim` is the encoder's width (segment-anything's name); `width`, as for every family, is the
+    width of the tokens `features` returns: the neck's out_chans (256)."""
+
+    embed_dim: int
     depth: int
     num_heads: int
     mlp_dim: int
@@ -40,21 +51,37 @@ class SamConfig:
     use_rel_pos: bool = True
     ln_eps: float = 1e-6  # the blocks' LayerNorm and the neck's LayerNorm2d
 
+    POSITIVE = (
+        "embed_dim",
+        "depth",
+        "num_heads",
+        "mlp_dim",
+        "patch_size",
+        "img_size",
+        "window_size",
+        "out_chans",
+    )
+
     def __post_init__(self):
-        object.__setattr__(self, "global_attn_indexes", tuple(int(i) for i in self.global_attn_indexes))
+        if isinstance(self.global_attn_indexes, list):  # JSON gives lists; keep the config hashable
+            object.__setattr__(self, "global_attn_indexes", tuple(self.global_attn_indexes))
+        self.check()
+
+    def range_problems(self) -> list[str]:
         problems = []
-        if self.width % self.num_heads:
-            problems.append(f"width {self.width} is not a multiple of num_heads {self.num_heads}")
+        if self.embed_dim % self.num_heads:
+            problems.append(f"num_heads {self.num_heads} does not divide embed_dim {self.embed_dim}")
         if self.img_size % self.patch_size:
             problems.append(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
-        if self.window_size < 1:
-            problems.append(f"window_size must be positive, got {self.window_size}")
         if any(not 0 <= i < self.depth for i in self.global_attn_indexes):
             problems.append(
                 f"global_attn_indexes {list(self.global_attn_indexes)} must lie in [0, {self.depth})"
             )
-        if problems:
-            raise ValueError("bad SamConfig: " + "; ".join(problems))
+        if len(set(self.global_attn_indexes)) != len(self.global_attn_indexes):
+            problems.append(f"global_attn_indexes {list(self.global_attn_indexes)} repeat a block")
+        if not 0 < self.ln_eps < 1:
+            problems.append(f"ln_eps must be in (0, 1), got {self.ln_eps!r}")
+        return problems
 
     @property
     def grid(self) -> int:
@@ -62,28 +89,51 @@ class SamConfig:
         return self.img_size // self.patch_size
 
     @property
+    def width(self) -> int:
+        """The width of the tokens `features` returns (the neck's channels)."""
+        return self.out_chans
+
+    @property
     def head_dim(self) -> int:
-        return self.width // self.num_heads
+        return self.embed_dim // self.num_heads
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return 0
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid**2
+
+    @property
+    def summary_dim(self) -> int:
+        return 0  # SAM has no image-level vector
+
+    @property
+    def variant(self) -> str:
+        """'SAM-B/16' for the released shapes; otherwise one that says the shape, e.g. 'SAM-w64-d2/16'."""
+        for name, (dim, depth, heads, global_blocks) in SIZES.items():
+            if (dim, depth, heads, 4 * dim, global_blocks) == (
+                self.embed_dim, self.depth, self.num_heads, self.mlp_dim, self.global_attn_indexes
+            ):  # fmt: skip
+                return f"SAM-{name}/{self.patch_size}"
+        return f"SAM-w{self.embed_dim}-d{self.depth}/{self.patch_size}"
+
+    def describe(self) -> str:
+        return (f"{self.variant} (embed_dim {self.embed_dim}, depth {self.depth}, heads {self.num_heads}, "
+                f"mlp {self.mlp_dim}, grid {self.grid}, window {self.window_size}, "
+                f"global blocks {list(self.global_attn_indexes)}, out_chans {self.out_chans})")  # fmt: skip
+
+    @classmethod
+    def from_size(cls, size: str, **overrides) -> SamConfig:
+        """SAM 'B', 'L' or 'H' as build_sam_vit_* makes it (1024 px), with `overrides`."""
+        dim, depth, heads, global_blocks = SIZES[size]
+        return cls(**{**dict(embed_dim=dim, depth=depth, num_heads=heads, mlp_dim=4 * dim,
+                             global_attn_indexes=global_blocks), **overrides})  # fmt: skip
 
     def attn_size(self, block: int) -> int:
         """Tokens per side that block `block` attends over: the grid (global) or a window."""
         return self.grid if block in self.global_attn_indexes else self.window_size
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["global_attn_indexes"] = list(self.global_attn_indexes)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> SamConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING}
-        unknown, missing = sorted(set(d) - names), sorted(required - set(d))
-        if unknown or missing:
-            raise ValueError(
-                f"bad SamConfig: unknown fields {unknown}, missing fields {missing} (fields: {sorted(names)})"
-            )
-        return cls(**d)
 
 
 def rel_pos_index(size: int) -> np.ndarray:
@@ -199,7 +249,7 @@ class SamEncoder(nn.Module):
     @nn.compact
     def __call__(self, images) -> Features:
         c = self.config
-        x = PatchEmbed(c.width, c.patch_size, self.dtype, name="patch_embed")(images)
+        x = PatchEmbed(c.embed_dim, c.patch_size, self.dtype, name="patch_embed")(images)
         b, gh, gw, _ = x.shape
         if (gh, gw) != (c.grid, c.grid):
             raise ValueError(
@@ -207,7 +257,7 @@ class SamEncoder(nn.Module):
                 f"encoder's position table is {c.grid}x{c.grid} (img_size={c.img_size}); feed {c.img_size}px "
                 f"images or convert the checkpoint with --img-size"
             )
-        pos = self.param("pos_embed", nn.initializers.truncated_normal(0.02), (1, gh, gw, c.width))
+        pos = self.param("pos_embed", nn.initializers.truncated_normal(0.02), (1, gh, gw, c.embed_dim))
         x = x + pos.astype(x.dtype)
         for i in range(c.depth):
             x = Block(c, i, self.dtype, self.attention, name=f"blocks_{i}")(x)
