@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from dmt_jax.formats import dino, dinov2, ibot, mae, mocov3, sam
+from dmt_jax.formats import clip, dino, dinov2, ibot, mae, mocov3, openclip, sam, siglip
 from dmt_jax.formats._base import (
     CONV,
     COPY,
@@ -40,11 +40,15 @@ from dmt_jax.formats.names_vit import (
 )
 
 # Asked in this order; the first whose detect() says yes names the format. Distinctive keys first:
-# MAE's full file also has a mask_token (1,1,512), so MAE is asked before DINOv2; a bare backbone
-# with nothing distinctive is read as DINO, asked last. SAM's image_encoder.* keys are its own.
-DETECTION_ORDER: tuple[str, ...] = ("sam", "mae", "mocov3", "ibot", "dinov2", "dino")
+# SAM's image_encoder.* (with rel_pos tables), big_vision's params/img/..., then the CLIP layouts (clip
+# refuses to guess between OpenAI and OpenCLIP where only the activation differs); MAE's full file also
+# has a mask_token (1,1,512), so MAE is asked before DINOv2; a bare backbone with nothing distinctive
+# is read as DINO, asked last.
+DETECTION_ORDER: tuple[str, ...] = (
+    "sam", "siglip", "clip", "openclip", "mae", "mocov3", "ibot", "dinov2", "dino"
+)  # fmt: skip
 FORMATS: dict[str, CheckpointFormat] = {
-    m.FORMAT.name: m.FORMAT for m in (sam, mae, mocov3, ibot, dinov2, dino)
+    m.FORMAT.name: m.FORMAT for m in (sam, siglip, clip, openclip, mae, mocov3, ibot, dinov2, dino)
 }
 assert set(DETECTION_ORDER) == set(FORMATS), "every format is asked, once"
 
