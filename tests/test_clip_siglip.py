@@ -209,11 +209,13 @@ def test_auto_refuses_to_guess_openai_or_openclip_and_act_decides(capsys, tmp_pa
     expect_refusal(capsys, tmp_path, args, "--act does not apply to --format clip")
 
 
-def test_clip_resize_is_open_clips_resize_pos_embed(tmp_path, mu_clip):
+def test_clip_resize_is_open_clips_resize_pos_embed(capsys, tmp_path, mu_clip):
     from open_clip.model import resize_pos_embed
 
     torch.save(mu_clip.state_dict(), tmp_path / "model.pth")
     assert run_cli(tmp_path / "model.pth", tmp_path / "out", "--format", "clip", "--img-size", 48) == 0
+    phases = [line.split(" ")[1] for line in capsys.readouterr().out.splitlines()]
+    assert phases == ["reading", "resizing", "writing", "wrote"]  # one line per phase of a long conversion
     teacher = load_teacher(tmp_path / "out")
     assert (teacher.spec.grid, teacher.spec.pos_embed_resize, teacher.spec.source_img_size) == (
         6,
@@ -330,6 +332,10 @@ BAD_NPZ = {
         "unexpected tensors: params/img/head/kernel",
     ),
     "NaN": (lambda a: _npz_bytes(_poisoned(a)), "NaN or Inf: blocks.1.mlp.fc1.bias"),
+    "NaFlex": (
+        lambda a: _npz_bytes(a | {"params/img/embedding/kernel": np.zeros((192, 64), np.float32)}),
+        "a NaFlex tower, which is not supported",
+    ),
     "pickled objects": (
         lambda a: _pickled_npz(),
         "truncated or not an .npz file (Object arrays cannot be loaded when allow_pickle=False)",
@@ -361,6 +367,35 @@ def test_torchscript_archives_without_tensors_or_cut_short_are_refused(capsys, t
     data = (tmp_path / "clip.pt").read_bytes()
     (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
     expect_refusal(capsys, tmp_path, [tmp_path / "cut.pt", tmp_path / "out"], "cut.pt")
+
+
+class _RunsCode:
+    """A pickle whose loading would create a directory (stands in for any code execution)."""
+
+    def __init__(self, target):
+        self.target = str(target)
+
+    def __reduce__(self):
+        import os
+
+        return (os.mkdir, (self.target,))
+
+
+def test_a_torchscript_archive_cannot_run_code(capsys, tmp_path):
+    import pickle
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "evil.pt", "w") as archive:
+        archive.writestr(
+            "evil/data.pkl", pickle.dumps({"visual.conv1.weight": _RunsCode(tmp_path / "pwned")})
+        )
+        archive.writestr("evil/code/__torch__.py", "import os\nos.mkdir('pwned')\n")
+        archive.writestr("evil/constants.pkl", pickle.dumps(()))
+    args = [tmp_path / "evil.pt", tmp_path / "out"]
+    expect_refusal(
+        capsys, tmp_path, args, "refused to read the TorchScript archive", "mkdir", "nothing was run"
+    )
+    assert not (tmp_path / "pwned").exists()
 
 
 def test_help_lists_every_format(capsys):
