@@ -17,15 +17,12 @@ from dmt_jax.runner import eval_batches, say
 
 
 def _open_ids_log(workdir: str):
-    """workdir/example_ids.p{process}.jsonl, appended to; a line cut short by a kill is dropped first.
+    """workdir/example_ids.p{process}.jsonl (a local workdir: a bucket object cannot be appended to line by
+    line), appended to; a line cut short by a kill is dropped first.
 
     Line-buffered, so every step up to a checkpoint is on disk when the checkpoint is; a resumed
     run writes its steps again after it (the later line wins).
     """
-    if storage.is_remote(workdir):  # a bucket object cannot be appended to line by line
-        raise errors.UserError(
-            f"--config.log_example_ids=True needs a local --workdir (got {workdir}); turn it off for a bucket"
-        )
     path = os.path.join(workdir, f"example_ids.p{jax.process_index()}.jsonl")
     if os.path.exists(path):
         with open(path, "rb+") as f:
@@ -93,21 +90,20 @@ def _use_compilation_cache(directory: str):
 
 
 def _train_and_evaluate_locked(config, workdir: str) -> dict[str, float]:
+    if config.log_example_ids and storage.is_remote(workdir):  # before anything is built or written
+        raise errors.UserError(
+            f"--config.log_example_ids=True needs a local --workdir (got {workdir}); turn it off for a bucket"
+        )
     with runner.Session(config, workdir) as run:
         mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
         train_source = data.make_source(config.data, "train")
         setup = train.build(config, mesh, num_train_examples=len(train_source))
         parallel.local_batch_size(config.batch_size)  # fails early, with a message, on an indivisible batch
-        ids_file = _open_ids_log(workdir) if config.log_example_ids else None
-        try:
-            return _train(run, setup, ids_file, train_source, workdir)
-        finally:
-            if ids_file:
-                ids_file.close()
+        return _train(run, setup, train_source, workdir)
 
 
-def _train(run, setup, ids_file, train_source, workdir) -> dict[str, float]:
-    config, mesh = setup.config, setup.mesh
+def _train(run, setup, train_source, workdir) -> dict[str, float]:
+    config = setup.config
     # A resume must continue the same run: same teachers (by content), same training fields.
     state, train_input = run.start(
         setup,
@@ -117,6 +113,16 @@ def _train(run, setup, ids_file, train_source, workdir) -> dict[str, float]:
         flops_per_image=setup.flops_per_image(),
         describe=lambda: summary.describe_run(setup, train_source),
     )
+    ids_file = _open_ids_log(workdir) if config.log_example_ids else None  # once the resume is accepted
+    try:
+        return _train_steps(run, setup, state, train_input, ids_file, workdir)
+    finally:
+        if ids_file:
+            ids_file.close()
+
+
+def _train_steps(run, setup, state, train_input, ids_file, workdir) -> dict[str, float]:
+    config, mesh = setup.config, setup.mesh
     start = int(state.step)
 
     final, eval_every = {}, config.eval_every if config.evaluate else 0
