@@ -174,11 +174,19 @@ class Checkpointer:
         if jax.process_index() != 0 or not self.directory.exists():
             return
         remote = storage.is_remote(self.directory)
-        for child in self.directory.iterdir():
-            unfinished = remote and child.name.isdigit() and not (child / COMMIT_FILE).exists()
-            if TMP_MARKER in child.name or unfinished:
+        for _ in range(10):  # writes already under way (tensorstore's) may land after a removal: again
+            found = [
+                child
+                for child in self.directory.iterdir()
+                if TMP_MARKER in child.name
+                or (remote and child.name.isdigit() and not (child / COMMIT_FILE).exists())
+            ]
+            for child in found:
                 with contextlib.suppress(OSError):
                     child.rmtree()
+            if not found:
+                break
+            time.sleep(0.1)
         py_logging.getLogger("absl").removeFilter(_DROP_ORBAX_RECORDS)
 
     def _attempt(self, action) -> str:

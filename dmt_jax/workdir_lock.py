@@ -40,8 +40,6 @@ import threading
 import time
 import uuid
 
-from etils import epath
-
 from dmt_jax.errors import UserError
 
 LOCK_FILE = ".dmt_lock"
@@ -284,9 +282,3 @@ class _GcsObject:
     def delete(self, if_generation: str):
         with contextlib.suppress(FileNotFoundError, FileExistsError, OSError):
             self.fs.call("DELETE", "b/{}/o/{}", self.bucket, self.key, ifGenerationMatch=if_generation)
-
-
-def lock_path(workdir: str) -> epath.Path:
-    """Where the lock of `workdir` lives (the file or the object)."""
-    name = LOCK_OBJECT if "://" in str(workdir) else LOCK_FILE
-    return epath.Path(str(workdir)) / name

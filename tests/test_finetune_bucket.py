@@ -55,7 +55,7 @@ def test_finetune_in_a_bucket_from_a_bucket_init_killed_resumed_exported(tmp_pat
         # The newest checkpoint, unless the kill landed while orbax copied it into place (in a bucket it
         # finishes a save object by object): then the one before it is used.
         (line,) = [line for line in resumed.lines if line.startswith("resuming from the checkpoint at step ")]
-        start = int(line.split()[5])
+        start = int(line.split()[6])
         assert start in steps[-2:], (steps, resumed.output)
         evaluations = [json.loads(line) for line in (root / "eval.jsonl").read_text().splitlines()]
         # Evaluations past the resumed step were of steps trained again: dropped; then only the final one.
