@@ -100,7 +100,7 @@ def variant_name(width: int, depth: int, mlp_dim: int, patch_size: int) -> str:
 class TeacherSpec:
     """Everything needed to rebuild a teacher's ViT and feed it: architecture, input size, normalization."""
 
-    format: str  # mae, mocov3, dino, ibot, dinov2 (or a demo label)
+    format: str  # mae, mocov3, dino, ibot, dinov2; random or demo for the in-process teachers
     variant: str  # e.g. "B/16"; descriptive, the fields below are authoritative
     width: int
     depth: int
@@ -493,9 +493,10 @@ def _check_images(images, img_size: int) -> None:
         )
 
 
-def make_random_teacher(variant: str, img_size: int, seed: int, fmt: str = "mae", **vit_kwargs) -> Teacher:
+def make_random_teacher(variant: str, img_size: int, seed: int, fmt: str = "random", **vit_kwargs) -> Teacher:
     """A teacher with random weights from a fixed seed (demos, tests); `vit_kwargs` go to the ViT
-    (num_reg_tokens, no_embed_class, layerscale_init, ...). Its mean/std are ImageNet's."""
+    (num_reg_tokens, no_embed_class, layerscale_init, ...). Its mean/std are ImageNet's; `fmt` is the
+    name the run's summary gives it ('random'; 'demo' once trained on the demo dataset)."""
     model = ViT.from_variant(variant, img_size=img_size, **vit_kwargs)
     spec = TeacherSpec.of_architecture(
         model,

@@ -66,6 +66,11 @@ def test_unknown_field_messages():
     assert unknown_field_message(schema, "dat.source").endswith("did you mean 'data.source'?")
     assert unknown_field_message(schema, "dta.sorce_x_y").endswith("did you mean 'data'?")
     assert unknown_field_message(schema, "qqqq") == "config field 'qqqq' does not exist"
+    # A word of the name (PyTorch's lr / learning_rate) finds every field holding it.
+    for typed in ("lr", "learning_rate"):
+        assert unknown_field_message(schema, typed).endswith("did you mean 'base_lr' or 'min_lr'?")
+    assert unknown_field_message(schema, "teacher").endswith("did you mean 'teachers'?")
+    assert unknown_field_message(schema, "data.root").endswith("did you mean 'data.demo_root'?")
     recipe = base_config()
     recipe.unlock()
     recipe.batchsize, recipe.mesh.dta = 3, 2

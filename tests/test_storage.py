@@ -91,3 +91,39 @@ def test_a_whole_run_in_the_bucket(bucket, tmp_path):
     steps = [json.loads(line)["step"] for line in (root / "eval.jsonl").read_text().splitlines()]
     assert steps == [0, 4]
     assert not (tmp_path / "gs:").exists() and not storage.path("gs:").exists()
+
+
+def test_a_stock_emulator_is_named_in_one_whole_line(tmp_path):
+    """Under gcp-storage-emulator as it ships, the first checkpoint fails (no x-goog-generation header):
+    the run says the whole error (tensorstore's spec dump dropped, no path cut short), exits 1 with a
+    line naming the emulator and the command that replaces it, and prints no 'Event loop is closed'
+    traceback. (A run of its own: tensorstore keeps the emulator's address it first used per process.)"""
+    with emulated_bucket("dmt-stock", stock=True) as bucket:
+        args = cli_args(
+            f"{bucket}/run",
+            tmp_path / "demo",
+            teachers="('random:mu/4@32:1',)",
+            total_steps=2,
+            checkpoint_every=2,
+            log_example_ids=False,
+        )
+        run = Run(args, devices=1, env=child_env())
+        assert run.finish(timeout=300) == 1, run.output
+    [line] = [line for line in run.lines if "NOT saved" in line]
+    assert "Malformed StorageGeneration)" in line and "tensorstore_spec" not in line, line
+    assert f"{bucket}/run/checkpoints/2" in line, line  # the path whole
+    error = run.lines[-1]
+    assert error.startswith("error: the checkpoint at step 2 could not be written"), run.output
+    assert "x-goog-generation" in error and "python -m dmt_jax.storage_emulator" in error, error
+    assert "Event loop is closed" not in run.output and "never retrieved" not in run.output, run.output
+
+
+def test_the_emulator_command_says_where_it_serves_and_stops_on_sigterm():
+    from gcs_emulator import EmulatorProcess
+
+    emulator = EmulatorProcess("dmt-cmd")
+    try:
+        assert emulator.url.startswith("http://localhost:") and not emulator.url.endswith(":0")
+    finally:
+        emulator.stop()
+    assert emulator.proc.returncode == 0 and not list(emulator.output)

@@ -18,6 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 from dmt_jax.data.sources import DataError
+from dmt_jax.progress import Progress
 
 DEMO_SEED = 20240101
 _MARKER = "demo.json"
@@ -142,6 +143,8 @@ def make_demo_dataset(
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = root.parent / f".{root.name}.tmp-{uuid.uuid4().hex}"
+    images = num_classes * (per_class_train + per_class_val)
+    progress = Progress(f"generating the demo dataset in {root}", total=images, unit="images")
     try:
         splits = [("train", per_class_train), ("val", per_class_val)]
         for split_index, (split, per_class) in enumerate(splits):
@@ -155,12 +158,15 @@ def make_demo_dataset(
                         (folder / f"{i:05d}.jpg").write_bytes(tf.io.encode_jpeg(image, quality=90).numpy())
                     else:
                         (folder / f"{i:05d}.png").write_bytes(tf.io.encode_png(image).numpy())
+                progress.update(per_class)
+        progress.close()
         (tmp / _MARKER).write_text(json.dumps(spec, sort_keys=True))
         os.rename(tmp, root)
     except OSError:
         if not _is_complete(root, spec):  # not a lost race with another writer: a real failure
             raise
     finally:
+        progress.close(ok=False)  # nothing after a normal close: said only when the loop stopped short
         shutil.rmtree(tmp, ignore_errors=True)
     return root
 
