@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from dmt_jax.formats import dino, dinov2, ibot, mae, mocov3
+from dmt_jax.formats import dino, dinov2, ibot, mae, mocov3, timm_vit
 from dmt_jax.formats._base import (
     CONV,
     COPY,
@@ -42,8 +42,11 @@ from dmt_jax.formats.names_vit import (
 # Asked in this order; the first whose detect() says yes names the format. Distinctive keys first:
 # MAE's full file also has a mask_token (1,1,512), so MAE is asked before DINOv2; a bare backbone
 # with nothing distinctive is read as DINO, asked last.
-DETECTION_ORDER: tuple[str, ...] = ("mae", "mocov3", "ibot", "dinov2", "dino")
-FORMATS: dict[str, CheckpointFormat] = {m.FORMAT.name: m.FORMAT for m in (mae, mocov3, ibot, dinov2, dino)}
+# timm's own weights are never detected (timm_vit.py): they come by name (dmt_jax/hub.py) or --format.
+DETECTION_ORDER: tuple[str, ...] = ("mae", "mocov3", "ibot", "dinov2", "dino", "timm")
+FORMATS: dict[str, CheckpointFormat] = {
+    m.FORMAT.name: m.FORMAT for m in (mae, mocov3, ibot, dinov2, dino, timm_vit)
+}
 assert set(DETECTION_ORDER) == set(FORMATS), "every format is asked, once"
 
 
