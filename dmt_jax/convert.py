@@ -22,6 +22,7 @@ import numpy as np
 
 from dmt_jax import formats, hub, storage
 from dmt_jax.errors import UserError, os_error_message
+from dmt_jax.formats import files
 from dmt_jax.models.vit import ACTIVATIONS
 from dmt_jax.teachers import TeacherFileError, TeacherSpec, check_writable, save_teacher
 
@@ -38,40 +39,11 @@ def _first_line(error: BaseException) -> str:
 
 
 def read_checkpoint(src: str | os.PathLike) -> Mapping:
-    """The checkpoint's top-level dict, read without running any code from it."""
-    import pickle
-    import zipfile
-
-    import torch
-
-    path = Path(src)
-    if not path.is_file():
-        raise ConversionError(f"{path}: no such file")
-    if path.name.endswith(".safetensors"):
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise ConversionError(f"{path}: not a readable safetensors file ({_first_line(e)})") from e
+    """The checkpoint's top-level dict, read without running any code from it (formats/files.py)."""
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):  # DINO/iBOT/MAE training files hold args
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "Weights only load failed" in str(e):
-            lines = [line for line in str(e).splitlines() if "GLOBAL" in line or "Unsupported" in line]
-            why = lines[0].strip() if lines else _first_line(e)
-            raise ConversionError(
-                f"{path}: refused to unpickle: it holds more than tensors, containers and argparse.Namespace "
-                f"({why}); nothing in it was run"
-            ) from e
-        raise ConversionError(f"{path}: not a PyTorch checkpoint ({_first_line(e)})") from e
-    except (RuntimeError, EOFError, KeyError, ValueError, OSError, zipfile.BadZipFile, AttributeError) as e:
-        raise ConversionError(f"{path}: truncated or not a PyTorch checkpoint ({_first_line(e)})") from e
-    if not isinstance(ckpt, Mapping):
-        raise ConversionError(f"{path}: not a checkpoint: it holds a {type(ckpt).__name__}, not a dict")
-    return ckpt
+        return files.read_checkpoint(src)
+    except formats.FormatError as e:
+        raise ConversionError(_first_line(e)) from e
 
 
 def _to_numpy(array) -> np.ndarray:
@@ -141,7 +113,9 @@ def convert_checkpoint(
             )
         try:
             state = source.to_reference(ckpt)
-        except (RuntimeError, TypeError, KeyError, IndexError) as e:  # e.g. tensors that do not add up
+        except formats.FormatError:
+            raise
+        except (RuntimeError, TypeError, KeyError, IndexError, ValueError) as e:  # tensors that do not add up
             raise ConversionError(f"cannot unwrap the checkpoint as {fmt}: {_first_line(e)}") from e
         del ckpt
         if bad := sorted(k for k, v in state.items() if not hasattr(v, "shape") or not hasattr(v, "dtype")):
@@ -168,13 +142,15 @@ def convert_checkpoint(
                 f"tensors holding NaN or Inf: {formats.name_list(bad)}; the checkpoint is damaged"
             )
         flat = source.to_flax({k: _to_numpy(v) for k, v in state.items()}, config)
+        inputs = dict(mean=source.mean, std=source.std, input_resize=source.input_resize)
+        inputs.update(source.inputs_for(config) if source.inputs_for else {})
         spec = TeacherSpec(
             format=fmt,
             family=source.family,
             config=config,
-            mean=options.get("mean", source.mean),
-            std=options.get("std", source.std),
-            input_resize=options.get("input_resize", source.input_resize),
+            mean=options.get("mean", inputs["mean"]),
+            std=options.get("std", inputs["std"]),
+            input_resize=options.get("input_resize", inputs["input_resize"]),
             source=source_name or str(Path(src).resolve()),
             source_img_size=source_img_size,
             pos_embed_resize=resize,

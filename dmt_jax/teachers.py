@@ -636,8 +636,9 @@ class TeacherStack:
         resized bilinearly (antialiased) to its img_size.
 
         keep: optional int [B, n] patch indices (the student's visible patches). Each teacher then
-        returns only CLS and those patches, [B, 1 + n, D_k] (registers dropped), and its last block
-        runs its queries, MLP and final norm only there: the same values, fewer FLOPs."""
+        returns only CLS and those patches, [B, 1 + n, D_k] (registers dropped; a teacher without a
+        CLS token, as SigLIP, returns the patches alone), and a ViT's last block runs its queries, MLP
+        and final norm only there: the same values, fewer FLOPs."""
         pixels = jnp.asarray(pixels).astype(jnp.float32)
         outputs: list[jax.Array | None] = [None] * len(self.specs)
         for group, group_params in zip(self._groups, params, strict=True):

@@ -30,6 +30,16 @@ def name_list(names, limit: int = 12) -> str:
 # ---------------------------------------------------------------- a format
 
 
+class Reference(dict):
+    """A format's tensors under the reference names (to_reference's result), plus `fixed`: config fields
+    the file states that the reference names lose (big_vision's head count in its kernel shapes; whether
+    an OpenCLIP tower is OpenAI-layout or a timm trunk, which sets its LayerNorm eps)."""
+
+    def __init__(self, tensors: Mapping, **fixed):
+        super().__init__(tensors)
+        self.fixed = fixed
+
+
 @dataclasses.dataclass(frozen=True)
 class CheckpointFormat:
     """One source repository's checkpoint files, as timm keeps one filter per model family.
@@ -44,7 +54,7 @@ class CheckpointFormat:
     resize(sd, config, img_size): (sd, config, method) with the position tables resized by the
         repository's own interpolation; None where the family cannot be resized.
     mean, std: the normalization the weights were trained with; input_resize: how images are brought
-        to img_size (a key of teachers.INPUT_RESIZE).
+        to img_size (one of teachers.INPUT_RESIZE); inputs_for(config) overrides them per config.
     """
 
     name: str
@@ -58,6 +68,7 @@ class CheckpointFormat:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     input_resize: str = "bilinear"
+    inputs_for: Callable[[Any], dict] | None = None  # config -> mean/std/input_resize where they depend on it
     options: tuple[str, ...] = ()  # the conversion options (convert.py's --act, --num-heads) it accepts
     summary: str = ""  # one line for `dmt-convert --help`
 

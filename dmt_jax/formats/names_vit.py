@@ -171,9 +171,13 @@ def check_backbone(state_dict: Mapping[str, Any], config: ViTConfig) -> None:
 
 
 def vit_config(state_dict: Mapping[str, Any], options: Mapping[str, Any], **fixed) -> ViTConfig:
-    """CheckpointFormat.infer of a ViT format: the shapes' config with the format's `fixed` fields and the
-    user's `options` (theirs win), checked against every tensor."""
-    config = infer_architecture(state_dict, **{**fixed, **options})
+    """CheckpointFormat.infer of a ViT format: the shapes' config with the format's `fixed` fields, what
+    the file states (Reference.fixed) and the user's `options` (in that order: the user's win), checked
+    against every tensor."""
+    merged = {}
+    for layer in (fixed, getattr(state_dict, "fixed", {}), options):
+        merged.update({k: v for k, v in layer.items() if v is not None})
+    config = infer_architecture(state_dict, **merged)
     check_backbone(state_dict, config)
     return config
 
