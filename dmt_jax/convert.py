@@ -95,6 +95,7 @@ def convert_checkpoint(
         if not storage.is_remote(out):  # a bucket is checked by save_teacher
             check_writable(out, overwrite)  # before reading a large file
         if not isinstance(src, Mapping) and hub.is_name(src):  # timm:NAME, hf-hub:REPO, ...: fetch it
+            _say(f"fetching {src}")
             fetched = hub.fetch(os.fspath(src))
             fmt = fetched.fmt if fmt == "auto" else fmt
             options = {**fetched.options, **options}  # the user's options win over the library's

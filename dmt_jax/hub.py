@@ -6,13 +6,14 @@ exactly as a file (dmt_jax/convert.py), the name recorded as the teacher's sourc
   converted as format `timm`;
 - `hf-hub:ORG/REPO`: timm's too (the repo's config.json, then its weights), format `timm`;
 - `open_clip:MODEL/PRETRAINED`: open_clip's pretrained table and download (HF cache or ~/.cache/clip),
-  converted as the file's format;
+  converted as format `clip` (OpenAI's weights) or `openclip` (the others);
 - `torchhub:NAME`: the official file that the repository's hub code loads (DINOv2's hubconf names, SAM's
   sam_vit_b/l/h), fetched by torch.hub's download into its checkpoints folder, the file's format.
 
 What the tensor shapes cannot tell comes from the library, not from guesses: for timm, the activation,
 LayerNorm epsilon and heads of timm's own model (built on the meta device: no memory, no weights) and
-mean, std and resize of its pretrained_cfg; for open_clip, mean, std and QuickGELU of its table.
+mean, std and resize of its pretrained_cfg; for open_clip, mean, std, QuickGELU and head width of its
+tables.
 HF_HUB_OFFLINE=1 (also honoured for torch hub's files) reads the caches only; a name neither cached nor
 reachable is one line naming the file to download and where to put it. torch and the hub libraries are
 imported only here, and only when a name is converted.
@@ -182,9 +183,17 @@ def _open_clip(rest: str) -> Fetched:
     if not cfg:
         known = [f"{m}/{t}" for m, t in open_clip.list_pretrained()]
         raise HubError(f"{name}: open_clip has no such pretrained weights{_nearest(rest, known)}")
+    vision = (open_clip.get_model_config(model) or {}).get("vision_cfg", {})
+    if isinstance(vision.get("layers"), (list, tuple)) or "vit" not in vision.get("timm_model_name", "vit"):
+        raise HubError(f"{name}: its image tower is not a ViT (a ResNet or another timm trunk)")
     options = dict(mean=tuple(cfg["mean"]), std=tuple(cfg["std"]))
-    if cfg.get("quick_gelu") or model.endswith("-quickgelu"):
+    # OpenAI's weights are format clip (QuickGELU, fixed); the others openclip, whose activation and odd
+    # head widths (ViT-bigG-14: 104) the tensors cannot tell: open_clip's own tables say.
+    fmt = "clip" if tag == "openai" else "openclip"
+    if fmt == "openclip" and (cfg.get("quick_gelu") or model.endswith("-quickgelu")):
         options["act"] = "quick_gelu"
+    if fmt == "openclip" and vision.get("head_width", 64) != 64:
+        options["num_heads"] = vision["width"] // vision["head_width"]
     hub_file = cfg.get("hf_hub", "")
     if hub_file:  # 'org/repo/' (open_clip's default file names) or 'org/repo/file'
         repo, filename = os.path.split(hub_file)
@@ -193,7 +202,7 @@ def _open_clip(rest: str) -> Fetched:
         except Exception as e:  # noqa: BLE001 - open_clip wraps the hub's errors in FileNotFoundError
             what = filename or "open_clip_model.safetensors (or open_clip_pytorch_model.bin)"
             raise _not_fetched(name, e, repo, what) from e
-        return Fetched(path, "auto", options, f"{name} (hf-hub:{repo})")
+        return Fetched(path, fmt, options, f"{name} (hf-hub:{repo})")
     url = cfg.get("url", "")
     path = Path(os.path.expanduser("~/.cache/clip")) / os.path.basename(url)  # open_clip's URL cache
     if not path.exists():
@@ -203,7 +212,7 @@ def _open_clip(rest: str) -> Fetched:
             path = Path(pretrained.download_pretrained(cfg, prefer_hf_hub=False))
         except OSError as e:
             raise HubError(f"{name}: cannot download {url} ({_first_line(e)}): put it at {path}") from e
-    return Fetched(str(path), "auto", options, f"{name} ({url})")
+    return Fetched(str(path), fmt, options, f"{name} ({url})")
 
 
 # ---------------------------------------------------------------- torch hub

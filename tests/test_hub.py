@@ -52,6 +52,11 @@ def hf_cache_file(home: Path, repo: str, filename: str, revision: str = "local")
     return path
 
 
+def relative_error(ours, reference) -> float:
+    ours, reference = np.asarray(ours, np.float64), np.asarray(reference, np.float64)
+    return float(np.linalg.norm(ours - reference) / np.linalg.norm(reference))
+
+
 def features_error(teacher, timm_model, img_size: int) -> float:
     images = torch.randn((2, 3, img_size, img_size), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -133,6 +138,36 @@ def test_a_torchhub_name_converts_the_official_file_from_torch_hubs_folder(tmp_p
     assert features_error(teacher, model, layouts.TINY_14_REG.img_size) < 1e-5
 
 
+def test_open_clip_names_convert_as_open_clip_computes(tmp_path):
+    """OpenAI's weights (format clip) and a *-quickgelu OpenCLIP model (format openclip, its QuickGELU
+    from open_clip's table: the tensors cannot tell), each from its open_clip hub file."""
+    model = layouts.random_open_clip(64, 2, 8, 32, quick_gelu=True, seed=8)
+    weights = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    names = {
+        "ViT-B-16/openai": ("timm/vit_base_patch16_clip_224.openai", "clip"),
+        "ViT-B-16-quickgelu/metaclip_400m": ("timm/vit_base_patch16_clip_224.metaclip_400m", "openclip"),
+    }
+    images = torch.randn((2, 3, 32, 32), generator=torch.Generator().manual_seed(1))
+    tokens = {}
+    hook = model.visual.ln_post.register_forward_hook(lambda module, args, out: tokens.update(ln_post=out))
+    with torch.no_grad():
+        summary = model.encode_image(images).numpy()
+    hook.remove()
+    x = jnp.asarray(images.permute(0, 2, 3, 1).numpy())
+    for name, (repo, fmt) in names.items():
+        safetensors.torch.save_file(weights, hf_cache_file(tmp_path, repo, "open_clip_model.safetensors"))
+        out = tmp_path / fmt
+        done = dmt_convert(f"open_clip:{name}", out, home=tmp_path)
+        assert done.returncode == 0, done.stderr
+        teacher = load_teacher(out)
+        spec = teacher.spec
+        assert spec.format == fmt and spec.config.act == "quick_gelu", spec
+        assert spec.source == f"open_clip:{name} (hf-hub:{repo})" and spec.mean[0] == 0.48145466, spec
+        with jax.default_matmul_precision("highest"):
+            assert relative_error(teacher.features(x), tokens["ln_post"].numpy()) < 1e-5
+            assert relative_error(teacher.summary(x), summary) < 1e-5
+
+
 def _error_line(done: subprocess.CompletedProcess) -> str:
     assert done.returncode == 2, done.stdout + done.stderr
     lines = done.stderr.strip().splitlines()
@@ -170,6 +205,7 @@ def test_unknown_names_get_the_nearest_known_ones():
         "torchhub:facebookresearch/dino:dino_vitb16": "torchhub names here come from facebookresearch/dinov2",
         "open_clip:ViT-B-16/opnai": "did you mean ViT-B-16/openai",
         "open_clip:ViT-B-16": "open_clip:MODEL/PRETRAINED",
+        "open_clip:RN50/openai": "its image tower is not a ViT",
         "timm:resnet50.a1_in1k": "a timm ResNet, not a VisionTransformer: only ViTs convert",
         "timm:vit_giant_patch14_dinov2.lvd142m": "its MLP (GluMlp with SiLU) is not one this ViT has",
     }
