@@ -68,9 +68,9 @@ class CheckpointFormat:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     input_resize: str = "bilinear"
-    inputs_for: Callable[[Any], dict] | None = None  # config -> mean/std/input_resize where they depend on it
     options: tuple[str, ...] = ()  # the conversion options (convert.py's --act, --num-heads) it accepts
     summary: str = ""  # one line for `dmt-convert --help`
+    inputs_for: Callable[[Any], dict] | None = None  # config -> mean/std/input_resize where they depend on it
 
 
 # ---------------------------------------------------------------- small helpers for unwrapping
