@@ -3,10 +3,10 @@
 exactly as a file (dmt_jax/convert.py), the name recorded as the teacher's source.
 
 - `timm:NAME[.TAG]`: timm's pretrained_cfg and hub code (`timm/NAME` on the Hugging Face hub, HF cache),
-  converted as format `timm`;
+  converted as format `timm` (timm's VisionTransformer) or `eva02` (timm's Eva: EVA-02 CLIP towers);
 - `hf-hub:ORG/REPO`: timm's too (the repo's config.json, then its weights), format `timm`;
 - `open_clip:MODEL/PRETRAINED`: open_clip's pretrained table and download (HF cache or ~/.cache/clip),
-  converted as format `clip` (OpenAI's weights) or `openclip` (the others);
+  converted as format `clip` (OpenAI's weights), `eva02` (the EVA02-* towers) or `openclip` (the others);
 - `torchhub:NAME`: the official file that the repository's hub code loads (DINOv2's hubconf names, SAM's
   sam_vit_b/l/h), fetched by torch.hub's download into its checkpoints folder, the file's format.
 
@@ -127,7 +127,7 @@ def _from_timm(timm_name: str, name: str) -> Fetched:
         raise HubError(f"{name}: {_first_line(e)}{_nearest(timm_name, known)}") from e
     except OSError as e:  # hf-hub: the repo's config.json neither cached nor reachable
         raise _not_fetched(name, e, timm_name.removeprefix("hf-hub:"), "config.json") from e
-    options = _timm_options(model, name)
+    fmt, options = _timm_format(model, name)
     cfg = model.pretrained_cfg
     hub_id, url = cfg.get("hf_hub_id"), cfg.get("url")
     if hub_id:
@@ -136,34 +136,37 @@ def _from_timm(timm_name: str, name: str) -> Fetched:
             weights = _hub.load_state_dict_from_hf(hub_id, filename=filename)
         except Exception as e:  # noqa: BLE001 - sorted by _not_fetched (offline, gone, gated); else raised
             raise _not_fetched(name, e, hub_id, "model.safetensors (or pytorch_model.bin)") from e
-        return Fetched(weights, "timm", options, f"{name} (hf-hub:{hub_id})")
+        return Fetched(weights, fmt, options, f"{name} (hf-hub:{hub_id})")
     if url:
         path = _torch_hub_file(name, url, Path(_hub.get_cache_dir()))
         return Fetched(str(path), "auto", {k: options[k] for k in _INPUT_OPTIONS}, f"{name} ({url})")
     raise HubError(f"{name}: timm lists no pretrained weights for it (pretrained_cfg has no hub id or url)")
 
 
-def _timm_options(model, name: str) -> dict:
-    """What timm's model says that the tensor shapes cannot: act, ln_eps, num_heads; mean, std, resize.
-    Parts this ViT does not have are refused here, by name."""
+def _timm_format(model, name: str) -> tuple[str, dict]:
+    """The format of timm's weights for this model (timm's VisionTransformer: timm; its Eva: eva02) and
+    what timm's model says that the tensor shapes cannot (act, ln_eps, num_heads; mean, std, resize).
+    What the teacher families do not have is refused here, by name, before any download."""
     cfg = model.pretrained_cfg
-    blocks = getattr(model, "blocks", None)
-    if type(model).__name__ != "VisionTransformer" or blocks is None:
-        raise HubError(f"{name}: a timm {type(model).__name__}, not a VisionTransformer: only ViTs convert")
-    block = blocks[0]
-    act = type(getattr(block.mlp, "act", None)).__name__
-    if type(block.mlp).__name__ != "Mlp" or act not in _TIMM_ACTS:
-        raise HubError(f"{name}: its MLP ({type(block.mlp).__name__} with {act}) is not one this ViT has")
-    if type(model.norm).__name__ == "Identity":  # avg-pool models normalize the pooled vector only
-        raise HubError(f"{name}: its tokens have no final LayerNorm (fc_norm on the pooled vector instead)")
-    options = dict(act=_TIMM_ACTS[act], ln_eps=float(block.norm1.eps), num_heads=int(block.attn.num_heads))
     interpolation = cfg.get("interpolation", "bicubic")
-    options.update(
+    options = dict(
         mean=tuple(float(v) for v in cfg.get("mean", ())),
         std=tuple(float(v) for v in cfg.get("std", ())),
         input_resize=interpolation if interpolation in ("bilinear", "bicubic") else "bicubic",
     )
-    return options
+    kind, blocks = type(model).__name__, getattr(model, "blocks", None)
+    if kind not in ("VisionTransformer", "Eva") or blocks is None:
+        raise HubError(f"{name}: a timm {kind}, not a VisionTransformer or Eva: those do not convert")
+    if type(model.norm).__name__ == "Identity":  # avg-pool models normalize the pooled vector only
+        raise HubError(f"{name}: its tokens have no final LayerNorm (fc_norm on the pooled vector instead)")
+    if kind == "Eva":  # timm's Eva names are the eva02 format's own; a token-pooled Eva is a CLIP tower
+        return "eva02", options | dict(num_heads=int(blocks[0].attn.num_heads))
+    block = blocks[0]
+    act = type(getattr(block.mlp, "act", None)).__name__
+    if type(block.mlp).__name__ != "Mlp" or act not in _TIMM_ACTS:
+        raise HubError(f"{name}: its MLP ({type(block.mlp).__name__} with {act}) is not one this ViT has")
+    vit = dict(act=_TIMM_ACTS[act], ln_eps=float(block.norm1.eps), num_heads=int(block.attn.num_heads))
+    return "timm", options | vit
 
 
 # ---------------------------------------------------------------- open_clip
@@ -184,12 +187,13 @@ def _open_clip(rest: str) -> Fetched:
         known = [f"{m}/{t}" for m, t in open_clip.list_pretrained()]
         raise HubError(f"{name}: open_clip has no such pretrained weights{_nearest(rest, known)}")
     vision = (open_clip.get_model_config(model) or {}).get("vision_cfg", {})
-    if isinstance(vision.get("layers"), (list, tuple)) or "vit" not in vision.get("timm_model_name", "vit"):
-        raise HubError(f"{name}: its image tower is not a ViT (a ResNet or another timm trunk)")
+    trunk = vision.get("timm_model_name", "vit")
+    if isinstance(vision.get("layers"), (list, tuple)) or not trunk.startswith(("vit", "eva02")):
+        raise HubError(f"{name}: its image tower is neither a ViT nor an EVA-02 (a ResNet or another trunk)")
     options = dict(mean=tuple(cfg["mean"]), std=tuple(cfg["std"]))
     # OpenAI's weights are format clip (QuickGELU, fixed); the others openclip, whose activation and odd
     # head widths (ViT-bigG-14: 104) the tensors cannot tell: open_clip's own tables say.
-    fmt = "clip" if tag == "openai" else "openclip"
+    fmt = "clip" if tag == "openai" else "eva02" if trunk.startswith("eva02") else "openclip"
     if fmt == "openclip" and (cfg.get("quick_gelu") or model.endswith("-quickgelu")):
         options["act"] = "quick_gelu"
     if fmt == "openclip" and vision.get("head_width", 64) != 64:

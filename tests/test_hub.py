@@ -168,6 +168,57 @@ def test_open_clip_names_convert_as_open_clip_computes(tmp_path):
             assert relative_error(teacher.summary(x), summary) < 1e-5
 
 
+def test_an_eva02_clip_tower_by_name_converts_as_timm_computes(tmp_path):
+    """hf-hub: with timm's Eva (EVA-02 CLIP B/16, cut to 2 blocks by model_args): format eva02, its
+    projection head kept, tokens and summary as timm's."""
+    repo, arch = "someone/eva02-clip-b16-2blocks", "eva02_base_patch16_clip_224"
+    mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+    config = {
+        "architecture": arch,
+        "num_classes": 512,
+        "model_args": {"depth": 2},
+        "pretrained_cfg": {"input_size": [3, 224, 224], "mean": mean, "std": std, "num_classes": 512},
+    }
+    hf_cache_file(tmp_path, repo, "config.json").write_text(json.dumps(config))
+    model = timm.create_model(arch, pretrained=False, depth=2)
+    layouts.randomize_(model, seed=9)
+    weights = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    safetensors.torch.save_file(weights, hf_cache_file(tmp_path, repo, "model.safetensors"))
+    done = dmt_convert(f"hf-hub:{repo}", tmp_path / "teacher", home=tmp_path)
+    assert done.returncode == 0, done.stderr
+    teacher = load_teacher(tmp_path / "teacher")
+    assert (teacher.spec.format, teacher.spec.family, teacher.spec.summary_dim) == ("eva02", "eva", 512)
+    assert teacher.spec.mean == mean and teacher.spec.source.startswith(f"hf-hub:{repo}")
+    images = torch.randn((2, 3, 224, 224), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        tokens = model.forward_features(images)
+        summary = model.forward_head(tokens).numpy()
+    x = jnp.asarray(images.permute(0, 2, 3, 1).numpy())
+    with jax.default_matmul_precision("highest"):
+        assert relative_error(teacher.features(x), tokens.numpy()) < 1e-5
+        assert relative_error(teacher.summary(x), summary) < 1e-5
+
+
+def test_a_sam_encoder_by_torchhub_name(tmp_path):
+    """torchhub:sam_vit_b: the official file's name in torch hub's folder (a small SAM inside, built by
+    segment-anything as test_sam.py builds it), converted as format sam."""
+    from test_sam import SMALL, official_state, random_images, random_reference, reference_tokens
+
+    reference = random_reference(SMALL, seed=4)
+    folder = tmp_path / "torch" / "hub" / "checkpoints"
+    folder.mkdir(parents=True)
+    torch.save(official_state(reference), folder / "sam_vit_b_01ec64.pth")
+    done = dmt_convert("torchhub:sam_vit_b", tmp_path / "teacher", home=tmp_path)
+    assert done.returncode == 0, done.stderr
+    teacher = load_teacher(tmp_path / "teacher")
+    url = "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth"
+    assert (teacher.spec.format, teacher.spec.source) == ("sam", f"torchhub:sam_vit_b ({url})")
+    images = random_images(SMALL, 1)
+    with jax.default_matmul_precision("highest"):
+        ours = teacher.features(jnp.asarray(images.permute(0, 2, 3, 1).numpy()))
+    assert relative_error(ours, reference_tokens(reference, images)) < 1e-5
+
+
 def _error_line(done: subprocess.CompletedProcess) -> str:
     assert done.returncode == 2, done.stdout + done.stderr
     lines = done.stderr.strip().splitlines()
@@ -205,8 +256,9 @@ def test_unknown_names_get_the_nearest_known_ones():
         "torchhub:facebookresearch/dino:dino_vitb16": "torchhub names here come from facebookresearch/dinov2",
         "open_clip:ViT-B-16/opnai": "did you mean ViT-B-16/openai",
         "open_clip:ViT-B-16": "open_clip:MODEL/PRETRAINED",
-        "open_clip:RN50/openai": "its image tower is not a ViT",
-        "timm:resnet50.a1_in1k": "a timm ResNet, not a VisionTransformer: only ViTs convert",
+        "open_clip:RN50/openai": "its image tower is neither a ViT nor an EVA-02",
+        "timm:resnet50.a1_in1k": "a timm ResNet, not a VisionTransformer or Eva: those do not convert",
+        "timm:eva02_tiny_patch14_224.mim_in22k": "its tokens have no final LayerNorm (fc_norm on the pooled",
         "timm:vit_giant_patch14_dinov2.lvd142m": "its MLP (GluMlp with SiLU) is not one this ViT has",
     }
     for name, says in cases.items():
