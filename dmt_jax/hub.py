@@ -38,7 +38,7 @@ _SAM = "https://dl.fbaipublicfiles.com/segment_anything"
 TORCH_HUB_FILES = {
     **{
         f"dinov2_vit{s}14{reg}": f"{_DINOV2}/dinov2_vit{s}14/dinov2_vit{s}14{reg and '_reg4'}_pretrain.pth"
-        for s in ("s", "b", "l", "g")
+        for s in ("s", "b", "l")  # g/14 has a SwiGLU MLP: not a ViT of this code (refused by name)
         for reg in ("", "_reg")
     },
     "sam_vit_b": f"{_SAM}/sam_vit_b_01ec64.pth",
@@ -228,6 +228,8 @@ def _torchhub(rest: str) -> Fetched:
     name = f"torchhub:{rest}"
     if repo and not model.startswith(TORCH_HUB_REPOS.get(repo, "\0")):
         raise HubError(f"{name}: torchhub names here come from {', '.join(TORCH_HUB_REPOS)}")
+    if model.startswith("dinov2_vitg14"):
+        raise HubError(f"{name}: DINOv2 g/14's SwiGLU MLP is not one this ViT has (s, b, l convert)")
     if model not in TORCH_HUB_FILES:
         raise HubError(f"{name}: not a known torch hub model{_nearest(model, TORCH_HUB_FILES)}")
     import torch

@@ -253,6 +253,7 @@ def test_unknown_names_get_the_nearest_known_ones():
     cases = {
         "timm:vit_tiny_patch16_244": "did you mean vit_tiny_patch16_224",
         "torchhub:dinov2_vitb16": "did you mean dinov2_vitb14",
+        "torchhub:dinov2_vitg14_reg": "DINOv2 g/14's SwiGLU MLP is not one this ViT has",
         "torchhub:facebookresearch/dino:dino_vitb16": "torchhub names here come from facebookresearch/dinov2",
         "open_clip:ViT-B-16/opnai": "did you mean ViT-B-16/openai",
         "open_clip:ViT-B-16": "open_clip:MODEL/PRETRAINED",
