@@ -46,12 +46,14 @@ def main(argv):
     workdir, config = _flags["workdir"].value, _flags["config"].value
     if not workdir:
         _user_error("--workdir is required: the directory for checkpoints, logs and exports")
-    from dmt_jax import loop, parallel, validate  # after flag parsing: keeps --help fast
+    from dmt_jax import loop, parallel, storage, validate  # after flag parsing: keeps --help fast
 
     logging.set_verbosity(logging.WARNING)
     # Only mistakes a user can fix (UserError) become one line and exit 2; any other exception is a bug
     # and keeps its traceback (exit 1), except a write that failed for the machine's state (a full disk).
     try:
+        # One form of the workdir (~, links, .. resolved) for every reader and writer: the lock included.
+        workdir = storage.resolve(workdir, "--workdir")
         check = _entry["check"] or (validate.check_run if _entry["train"] is None else None)
         if check:  # validates everything, then joins the multi-process run (the device count needs it)
             check(config, workdir)

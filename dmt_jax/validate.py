@@ -12,6 +12,7 @@ broken file later, which then stops it with its own one-line error.
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 
 from etils import epath
@@ -120,15 +121,32 @@ def teacher_problems(config) -> list[str]:
     return problems
 
 
+# What a run writes in its workdir (README, "The workdir"): none of them may be a symbolic link.
+WORKDIR_ENTRIES = (
+    ".dmt_lock", "checkpoints", "checkpoints_unreadable", "config.json", "schedule.json", "eval.jsonl",
+    "pictures", "profile", "report.html", "student_timm.safetensors", "classifier_timm.safetensors",
+)  # fmt: skip
+
+
 def workdir_problems(workdir: str) -> list[str]:
-    """The workdir is a directory (or can be made one) that this process can write, and so are its
-    checkpoints; checked by creating and removing a temporary file (local paths; a gs:// bucket is
-    checked by its first write)."""
-    if storage.is_remote(workdir):
+    """The workdir's name is usable, it is a directory (or can be made one) that this process can write,
+    and so are its checkpoints (checked by creating and removing a temporary file); nothing a run writes
+    there is a symbolic link or a special file (local paths; a gs:// bucket is checked by its first write)."""
+    try:
+        resolved = storage.resolve(workdir, "--workdir")
+    except UserError as e:
+        return e.problems
+    if storage.is_remote(resolved):
         return []
-    path = storage.path(workdir)
+    path = epath.Path(resolved)
     if path.exists() and not path.is_dir():
         return [f"--workdir={workdir} is a file, not a directory: choose another --workdir"]
+    if in_the_way := _links_or_special_files(resolved, WORKDIR_ENTRIES):
+        return [
+            f"--workdir={workdir} holds symbolic links or special files where the run writes "
+            f"({', '.join(in_the_way[:3])}): runs never write through a link (it may point out of the "
+            "workdir) nor into a FIFO or device; remove them"
+        ]
     existing = path
     while not existing.exists():
         existing = existing.parent
@@ -138,6 +156,18 @@ def workdir_problems(workdir: str) -> list[str]:
     if (path / "checkpoints").is_dir():
         problems.append(_not_writable(path / "checkpoints", workdir))
     return [p for p in problems if p]
+
+
+def _links_or_special_files(folder: str, names) -> list[str]:
+    found = []
+    for name in names:
+        try:
+            mode = os.lstat(os.path.join(folder, name)).st_mode
+        except OSError:  # absent (or the folder is): nothing in the way
+            continue
+        if stat.S_ISLNK(mode) or not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            found.append(os.path.join(folder, name))
+    return found
 
 
 def _not_writable(folder: epath.Path, workdir: str) -> str:
