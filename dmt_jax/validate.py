@@ -35,11 +35,22 @@ def check_run(config, workdir: str, *, start_distributed: bool = True) -> None:
 
             parallel.initialize_distributed(config.distributed)
         problems += device_problems(config)
-    problems += dataset_problems(config)
-    problems += teacher_problems(config)
+    problems += _unless_fields_are_bad(dataset_problems, config, problems)
+    problems += _unless_fields_are_bad(teacher_problems, config, problems)
     problems += workdir_problems(workdir)
     if problems:
         raise UserError(*problems)
+
+
+def _unless_fields_are_bad(check, config, problems: list[str]) -> list[str]:
+    """check(config); a check that trips over a value of the wrong type (`--config.teachers=(1,2)`) says
+    nothing more when that field's own problem is already reported."""
+    try:
+        return check(config)
+    except (TypeError, ValueError, IndexError, KeyError, AttributeError):
+        if not problems:
+            raise  # sound fields: a bug in a check
+        return []
 
 
 def config_problems(

@@ -457,3 +457,77 @@ def test_a_dataset_that_grew_is_a_changed_run():
     saved = {"teachers": ["abc"], "config": {"seed": 0}, "num_train_examples": 1000}
     now = dict(saved, num_train_examples=1010)
     assert run_record.differences(saved, now) == (["training images: 1000 -> 1010"], [])
+
+
+# ---------------------------------------------------------------- config abuse (issue 18, item 9)
+
+RECIPES = {
+    "raises": ('raise RuntimeError("boom")\n', "raised RuntimeError: boom while loading"),
+    "not python": ("teachers:\n  - teachers/mae\nbatch_size: 4\n", "is not Python: "),
+    "exits": ("import sys\nsys.exit(3)\n", "raised SystemExit: 3 while loading"),
+    "no get_config": ("x = 1\n", "defines no get_config()"),
+    "get_config raises": ("def get_config():\n    return {}['x']\n", "get_config() raised KeyError: 'x'"),
+    "get_config returns an int": (
+        "def get_config():\n    return 5\n",
+        "returned a int, not an ml_collections",
+    ),
+    "binary": ("\0\1\2", "is not Python: source code string cannot contain null bytes: give"),
+}
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_a_recipe_that_cannot_give_a_config_is_one_line(tmp_path, name):
+    from dmt_jax import main
+
+    content, message = RECIPES[name]
+    (tmp_path / "recipe.py").write_text(content)
+    problem = main._recipe_problem(str(tmp_path / "recipe.py"))
+    assert message in problem and str(tmp_path / "recipe.py") in problem and "\n" not in problem
+
+
+def test_config_abuse_on_the_command_line_is_one_line_each(tmp_path):
+    (tmp_path / "raises.py").write_text('raise RuntimeError("boom")\n')
+    teacher = teachers.make_random_teacher("mu/4", 32, 0)
+    teachers.save_teacher(tmp_path / "t", teacher.spec, teacher.params)
+    (tmp_path / "link").symlink_to(tmp_path)
+    cases = [  # (extra arguments, teachers) -> what the one error line says
+        (("--config=" + str(tmp_path / "raises.py"),), None, "raised RuntimeError: boom while loading"),
+        ((), "(1,2)", "--config.teachers=(1, 2): must be a tuple of strings"),
+        ((), f"('{tmp_path}/t','{tmp_path}/link/t/')", "names one teacher twice"),  # one folder, typed twice
+    ]
+    runs = []
+    for args, entries, message in cases:
+        fields = {"teachers": entries} if entries else {}
+        runs.append(
+            (Run([*cli_args(tmp_path / "w", tmp_path / "demo", **fields), *args], devices=1), message)
+        )
+    for run, message in runs:
+        assert run.finish(timeout=300) == 2, run.output
+        errors = [line for line in run.output.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and message in errors[0], run.output
+        assert "Traceback" not in run.output
+    assert not (tmp_path / "w").exists()
+
+
+def test_duplicate_teachers_are_refused_unless_asked_for(tmp_path):
+    import shutil
+
+    from dmt_jax import config as config_lib
+    from dmt_jax import parallel, train
+    from tests.helpers_run import tiny_config
+
+    teacher = teachers.make_random_teacher("mu/4", 32, 0)
+    teachers.save_teacher(tmp_path / "t", teacher.spec, teacher.params)
+    shutil.copytree(tmp_path / "t", tmp_path / "copy")  # the same weights in another folder
+    same = tiny_config(tmp_path / "demo", teachers="('random:mu/4@32:1','random:mu/4@32:1')")
+    assert any("names one teacher twice ('random:mu/4@32:1' (entries 0 and 1))" in p
+               for p in config_lib.consistency_problems(same))  # fmt: skip
+    copies = tiny_config(tmp_path / "demo", teachers=f"('{tmp_path}/t','{tmp_path}/copy')")
+    assert not config_lib.consistency_problems(copies)  # two folders: only their weights tell
+    mesh = parallel.make_mesh(-1, 1)
+    with pytest.raises(UserError, match="teachers 0 and 1 of --config.teachers have the same weights"):
+        train.build(copies, mesh, num_train_examples=80)
+    for config in (same, copies):
+        config.allow_duplicate_teachers = True  # meant: allowed
+        assert not config_lib.consistency_problems(config)
+        assert len(train.build(config, mesh, num_train_examples=80).teacher_fingerprints) == 2
