@@ -303,6 +303,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="", help="where to write the page (default WORKDIR/report.html)")
     args = parser.parse_args(argv)
     try:
+        if unreachable := storage.unreachable_buckets({"workdir": args.workdir}):
+            raise UserError(*unreachable)
         page = build_report(args.workdir)
         out = storage.resolve_file(args.out or f"{storage.resolve(args.workdir)}/report.html", "--out")
         storage.write_text(out, page)  # whole or not at all; a link at `out` is replaced, not followed

@@ -71,6 +71,68 @@ def is_remote(path) -> bool:
     return "://" in os.fspath(path)
 
 
+REACH_TIMEOUT_S = 30.0  # a bucket that has not answered by then will not (a black-holed host waits forever)
+
+
+def unreachable_buckets(paths: dict[str, str], timeout: float = REACH_TIMEOUT_S) -> list[str]:
+    """One line per bucket among `paths` (what it is -> path; local ones ignored) that fails or does not
+    answer within `timeout` seconds, naming it and what to check. The buckets are asked in parallel, each
+    by its client's own call (epath's exists()) in a daemon thread, so a client that retries for minutes
+    or waits on a silent host cannot hold the run."""
+    import threading
+    import time
+
+    buckets: dict[str, list[tuple[str, str]]] = {}
+    for what, p in paths.items():
+        if p and is_remote(p):
+            try:
+                text = resolve(p, what)
+            except UserError:  # no bucket named: the check of that path says so
+                continue
+            buckets.setdefault(text.split("/", 3)[2], []).append((what, text))
+    answers: dict[str, BaseException | None] = {}
+
+    def ask(bucket: str, p: str):
+        try:
+            epath.Path(p).exists()
+            answers[bucket] = None
+        except BaseException as e:  # the client's own error, whatever its type: reported below
+            answers[bucket] = e
+
+    threads = [
+        threading.Thread(target=ask, args=(b, found[0][1]), daemon=True) for b, found in buckets.items()
+    ]
+    deadline = time.monotonic() + timeout
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    problems = []
+    for bucket, found in buckets.items():
+        if bucket not in answers:
+            why = f"did not answer within {timeout:g} s"
+        elif answers[bucket] is not None:
+            error = answers[bucket]
+            first = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
+            why = f"could not be reached ({type(error).__name__}: {first[:200]})"
+        else:
+            continue
+        named = ", ".join(f"{what}={p}" for what, p in found)
+        problems.append(f"bucket {bucket} ({named}) {why}: check {_what_to_check()}")
+    return problems
+
+
+def _what_to_check() -> str:
+    if host := os.environ.get(EMULATOR_VARIABLE):
+        return (
+            f"that a GCS emulator answers at {EMULATOR_VARIABLE}={host} (unset it for Google Cloud Storage)"
+        )
+    return (
+        "the credentials (`gcloud auth application-default login`, or GOOGLE_APPLICATION_CREDENTIALS), the "
+        f"network and the bucket's name; for a local emulator set {EMULATOR_VARIABLE}"
+    )
+
+
 NAME_MAX = 255  # bytes in one file name (ext4, xfs, NFS, ...)
 PATH_MAX = 4096  # bytes in a whole path (Linux)
 

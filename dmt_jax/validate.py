@@ -35,6 +35,8 @@ def check_run(config, workdir: str, *, start_distributed: bool = True) -> None:
 
             parallel.initialize_distributed(config.distributed)
         problems += device_problems(config)
+    if unreachable := _unless_fields_are_bad(bucket_problems, config, problems, workdir):
+        raise UserError(*problems, *unreachable)  # the checks of files there would wait on it too
     problems += _unless_fields_are_bad(dataset_problems, config, problems)
     problems += _unless_fields_are_bad(teacher_problems, config, problems)
     problems += workdir_problems(workdir)
@@ -42,11 +44,11 @@ def check_run(config, workdir: str, *, start_distributed: bool = True) -> None:
         raise UserError(*problems)
 
 
-def _unless_fields_are_bad(check, config, problems: list[str]) -> list[str]:
-    """check(config); a check that trips over a value of the wrong type (`--config.teachers=(1,2)`) says
-    nothing more when that field's own problem is already reported."""
+def _unless_fields_are_bad(check, config, problems: list[str], *args) -> list[str]:
+    """check(config, *args); a check that trips over a value of the wrong type (`--config.teachers=(1,2)`)
+    says nothing more when that field's own problem is already reported."""
     try:
-        return check(config)
+        return check(config, *args)
     except (TypeError, ValueError, IndexError, KeyError, AttributeError):
         if not problems:
             raise  # sound fields: a bug in a check
@@ -88,6 +90,22 @@ def device_problems(config) -> list[str]:
             f"use a multiple of {n}"
         )
     return problems
+
+
+def bucket_problems(
+    config, workdir: str, fields=("teachers", "data.tfds_data_dir", "init"), timeout: float | None = None
+) -> list[str]:
+    """Every bucket the run names (workdir, teachers, tfds data, a fine-tuning's init) answers within
+    storage.REACH_TIMEOUT_S, or one line each naming it and what to check."""
+    paths = {"--workdir": workdir}
+    for name in fields:
+        node = config
+        for part in name.split("."):
+            node = node.get(part) if node is not None and part in node else None
+        values = node if isinstance(node, list | tuple) else [node]
+        for i, value in enumerate(v for v in values if isinstance(v, str) and v):
+            paths[f"--config.{name}" + (f"[{i}]" if isinstance(node, list | tuple) else "")] = value
+    return storage.unreachable_buckets(paths, storage.REACH_TIMEOUT_S if timeout is None else timeout)
 
 
 def dataset_problems(config) -> list[str]:
