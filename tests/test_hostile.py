@@ -537,3 +537,72 @@ def test_duplicate_teachers_are_refused_unless_asked_for(tmp_path):
         config.allow_duplicate_teachers = True  # meant: allowed
         assert not config_lib.consistency_problems(config)
         assert len(train.build(config, mesh, num_train_examples=80).teacher_fingerprints) == 2
+
+
+# ---------------------------------------------------------------- conversion bounds (issue 18, item 5)
+
+
+def test_float64_weights_beyond_float32s_range_are_refused(tmp_path, tiny_backbone):
+    state = {k: v.double() for k, v in tiny_backbone.items()}
+    state["blocks.1.mlp.fc2.weight"][0, 0] = 1e300  # finite as float64, Inf as float32
+    rc, err = _convert(tmp_path, state)
+    assert (
+        rc == 2 and "NaN or Inf: blocks.1.mlp.fc2.weight (as float32: values beyond its range, 3.4e38" in err
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_tiny_file_declaring_a_huge_model_is_refused_before_anything_is_materialized(
+    tmp_path, tiny_backbone
+):
+    import resource
+
+    expanded = dict(tiny_backbone, **{"blocks.0.mlp.fc1.weight": torch.zeros(1).expand(100_000, 100_000)})
+    shared = torch.zeros(1_000_000)
+    views = dict(tiny_backbone, **{f"extra.{i}": shared for i in range(2000)})  # one 4 MB storage 2000 times
+    cases = {
+        "expanded": (expanded, "tensors that repeat their storage (stride-0 or overlapping views)"),
+        "views": (views, "its tensors declare 8.0 GB as float32 in a file of"),
+    }
+    limit = resource.getrlimit(resource.RLIMIT_AS)
+    for name, (state, message) in cases.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        resource.setrlimit(resource.RLIMIT_AS, (2 * 2**30 + _address_space(), limit[1]))  # 40 GB cannot fit
+        try:
+            rc, err = _convert(folder, state)
+        finally:
+            resource.setrlimit(resource.RLIMIT_AS, limit)
+        assert rc == 2 and message in err and (folder / "ckpt.pth").stat().st_size < 5_000_000, err
+        assert not (folder / "out").exists()
+
+
+def _address_space() -> int:
+    """Bytes of address space this process already maps (the limit above is on top of it)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_keys_that_are_not_strings_are_refused_in_one_line(tmp_path, tiny_backbone):
+    for state in (
+        {**tiny_backbone, 0: tiny_backbone["norm.weight"]},
+        {"state_dict": {**tiny_backbone, 7: 1}},
+    ):
+        rc, err = _convert(tmp_path, state)
+        assert rc == 2 and "not a checkpoint: keys that are not strings: checkpoint" in err and "(int)" in err
+        assert err.count("\n") == 1
+    optimizer = {"state": {0: {"exp_avg": tiny_backbone["norm.weight"]}}, "param_groups": [{"lr": 1.0}]}
+    rc, err = _convert(tmp_path, {"teacher": tiny_backbone, "optimizer": optimizer, "epoch": 5})
+    assert rc == 0, err  # a training file's optimizer state is keyed by integers: not refused
+
+
+def test_a_guessed_format_names_the_format_option(tmp_path, tiny_backbone, capsys):
+    for state, fmt in (({"state_dict": tiny_backbone}, "ibot"), (tiny_backbone, "dino")):
+        rc, _ = _convert(tmp_path, state, "--overwrite")
+        out = capsys.readouterr().out
+        assert rc == 0 and f"format {fmt} is a guess" in out and "convert again with --format NAME" in out
+    marked = {"state_dict": dict(tiny_backbone, masked_embed=tiny_backbone["norm.weight"][None])}
+    assert _convert(tmp_path, marked, "--overwrite")[0] == 0
+    assert "is a guess" not in capsys.readouterr().out  # iBOT's own marker: no guess
+    assert _convert(tmp_path, {"state_dict": tiny_backbone}, "--overwrite", "--format", "ibot")[0] == 0
+    assert "is a guess" not in capsys.readouterr().out  # named: no guess
