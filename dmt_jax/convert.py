@@ -147,13 +147,16 @@ def convert_checkpoint(
             )
         try:
             state = source.to_reference(ckpt)
+        except formats.FormatError:
+            raise
         except (
             RuntimeError,
             TypeError,
             KeyError,
             IndexError,
+            ValueError,
             AttributeError,
-        ) as e:  # e.g. tensors that do not add up
+        ) as e:  # do not add up
             raise ConversionError(f"cannot unwrap the checkpoint as {fmt}: {_first_line(e)}") from e
         del ckpt
         if bad := sorted(k for k, v in state.items() if not hasattr(v, "shape") or not hasattr(v, "dtype")):

@@ -13,8 +13,10 @@ import dataclasses
 import warnings
 
 import torch
+from timm.models.eva import Eva as TimmEva
 from timm.models.vision_transformer import VisionTransformer
 
+from dmt_jax.models.eva import EvaConfig
 from dmt_jax.teachers import num_heads_for_width
 
 
@@ -309,3 +311,126 @@ def big_vision_siglip(model, *, stacked: bool = False, prefix: str = "params/img
     out = {prefix + k: v for k, v in w.items()}
     out |= {prefix.removesuffix("img/") + k: v.numpy() for k, v in text.items()}
     return out
+
+
+# ---------------------------------------------------------------- EVA-02 (baaivision/EVA, open_clip)
+
+
+def random_timm_eva(config: EvaConfig, seed: int = 0) -> TimmEva:
+    """timm's Eva shaped by `config` (global_pool='token': the final norm on every token, as the MIM
+    and EVA-CLIP files have it), random values everywhere."""
+    model = TimmEva(
+        img_size=config.img_size,
+        patch_size=config.patch_size,
+        embed_dim=config.width,
+        depth=config.depth,
+        num_heads=config.num_heads,
+        qkv_fused=False,
+        qkv_bias=config.qv_bias,
+        mlp_ratio=(config.mlp_dim + 0.5) / config.width,  # timm takes int(width * ratio)
+        swiglu_mlp=True,
+        swiglu_align_to=1,  # separate fc1_g / fc1_x also without the hidden norm (EVA's w1 / w2)
+        scale_mlp=config.mlp_norm,
+        scale_attn_inner=config.attn_norm,
+        use_rot_pos_emb=True,
+        ref_feat_shape=(config.rope_ref_grid, config.rope_ref_grid),
+        num_reg_tokens=config.num_reg_tokens,
+        global_pool="token",
+        num_classes=config.proj_dim,
+    )
+    assert model.blocks[0].mlp.fc1_g.out_features == config.mlp_dim
+    randomize_(model, seed)
+    return model.eval()
+
+
+# EVA's names for timm's (eva.checkpoint_filter_fn, read backwards).
+TO_OFFICIAL = (
+    ("attn.q_proj.bias", "attn.q_bias"),
+    ("attn.v_proj.bias", "attn.v_bias"),
+    ("attn.norm.", "attn.inner_attn_ln."),
+    ("mlp.norm.", "mlp.ffn_ln."),
+    ("mlp.fc1_g.", "mlp.w1."),
+    ("mlp.fc1_x.", "mlp.w2."),
+    ("mlp.fc2.", "mlp.w3."),
+    ("mlp.fc1.", "mlp.w12."),  # Ti/S: timm's packed GluMlp is xformers' SwiGLU w12 (rows w1; w2)
+)
+# Released shapes at test size: 64-wide heads (the format's fixed head width), 16-grid RoPE.
+
+
+def official_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, tensor in model.state_dict().items():
+        for timm_name, official in TO_OFFICIAL:
+            name = name.replace(timm_name, official)
+        out[name] = tensor.detach().clone()
+    return out
+
+
+def junk(*names_shapes) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(99)
+    return {name: torch.randn(shape, generator=gen) for name, shape in names_shapes}
+
+
+def rope_buffers(config: EvaConfig, prefix: str = "") -> dict[str, torch.Tensor]:
+    """EVA's persistent RoPE buffers (the shared module and its alias in every block): noise, so that
+    reading them instead of recomputing the rotation would show."""
+    shape = (config.grid**2, config.head_dim)
+    names = ["rope."] + [f"blocks.{i}.attn.rope." for i in range(config.depth)]
+    return junk(*[(f"{prefix}{n}freqs_{f}", shape) for n in names for f in ("cos", "sin")])
+
+
+def text_tower(prefix: str = "text.") -> dict[str, torch.Tensor]:
+    return junk(
+        (f"{prefix}token_embedding.weight", (100, 32)),
+        (f"{prefix}positional_embedding", (77, 32)),
+        (f"{prefix}transformer.resblocks.0.attn.in_proj_weight", (96, 32)),
+        (f"{prefix}ln_final.weight", (32,)),
+        (f"{prefix}text_projection", (32, 48)),
+        ("logit_scale", ()),
+    )
+
+
+def mim_layout(model, config, wrapper="module"):
+    """eva02_*_pt_*_p14.pt: the MIM model (mask_token, lm_head) with EVA's RoPE buffers."""
+    sd = official_state(model) | rope_buffers(config)
+    sd |= junk(("mask_token", (1, 1, config.width)), ("lm_head.weight", (64, config.width)))
+    sd |= junk(("lm_head.bias", (64,)))
+    return {wrapper: sd, "epoch": 99} if wrapper else sd
+
+
+def eva_clip_layout(model, config, ddp=False):
+    """EVA02_CLIP_*.pt: the whole CLIP; the vision tower under visual. (with its projection head)."""
+    sd = {f"visual.{k}": v for k, v in (official_state(model) | rope_buffers(config)).items()}
+    sd |= text_tower()
+    return {"state_dict": {f"module.{k}": v for k, v in sd.items()}} if ddp else sd
+
+
+def fused_timm_eva(config: EvaConfig, seed: int) -> TimmEva:
+    """EVA-02 Ti/S as timm builds them: fused qkv (q/v bias), packed SwiGLU, no ffn_ln."""
+    model = TimmEva(
+        img_size=config.img_size,
+        patch_size=config.patch_size,
+        embed_dim=config.width,
+        depth=config.depth,
+        num_heads=config.num_heads,
+        mlp_ratio=(config.mlp_dim + 0.5) / config.width,
+        swiglu_mlp=True,
+        use_rot_pos_emb=True,
+        ref_feat_shape=(16, 16),
+        global_pool="token",
+        num_classes=0,
+    )
+    randomize_(model, seed)
+    return model.eval()
+
+
+def openclip_visual(config: EvaConfig, seed: int):
+    """OpenCLIP's EVA02-B-16 vision tower (a timm trunk whose head is the projection), cut to
+    config.depth blocks; returns (the tower, its file)."""
+    from open_clip.timm_model import TimmModel
+
+    visual = TimmModel("eva02_base_patch16_clip_224", embed_dim=config.proj_dim, pool="token", proj=None)
+    visual.trunk.blocks = visual.trunk.blocks[: config.depth]
+    randomize_(visual, seed)
+    visual.eval()
+    return visual, {f"visual.{k}": v.detach().clone() for k, v in visual.state_dict().items()} | text_tower()

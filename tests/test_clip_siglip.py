@@ -332,6 +332,10 @@ BAD_NPZ = {
         "unexpected tensors: params/img/head/kernel",
     ),
     "NaN": (lambda a: _npz_bytes(_poisoned(a)), "NaN or Inf: blocks.1.mlp.fc1.bias"),
+    "NaFlex": (
+        lambda a: _npz_bytes(a | {"params/img/embedding/kernel": np.zeros((192, 64), np.float32)}),
+        "a NaFlex tower, which is not supported",
+    ),
     "pickled objects": (
         lambda a: _pickled_npz(),
         "truncated or not an .npz file (Object arrays cannot be loaded when allow_pickle=False)",

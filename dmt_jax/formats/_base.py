@@ -68,12 +68,12 @@ class CheckpointFormat:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     input_resize: str = "bilinear"
-    inputs_for: Callable[[Any], dict] | None = None  # config -> mean/std/input_resize where they depend on it
     options: tuple[str, ...] = ()  # the conversion options (convert.py's --act, --num-heads) it accepts
     summary: str = ""  # one line for `dmt-convert --help`
     # ckpt -> why detect()'s yes is only a guess (files of other repositories look the same), '' when the
     # keys are distinctive: dmt-convert then names --format.
     guess: Callable[[Mapping], str] | None = None
+    inputs_for: Callable[[Any], dict] | None = None  # config -> mean/std/input_resize where they depend on it
 
 
 # ---------------------------------------------------------------- small helpers for unwrapping

@@ -5,6 +5,8 @@ Either OpenAI's layout (`visual.conv1`, `visual.transformer.resblocks.N...`, opt
 cannot tell: `--act quick_gelu`), LayerNorm eps 1e-5 and ln_post on every token; or a timm trunk
 (`visual.trunk.*` in timm's own names, where the trunk is a ViT, e.g. the SigLIP towers: no CLS token,
 MAP head `attn_pool`, eps 1e-6, mean = std = 0.5) with an optional bias-free `visual.head.proj`.
+The summary is the CLS token, then `proj` (open_clip's default pool_type 'tok'; towers pooling
+otherwise, as the CLIPA 'avg' ones, are not told apart by their tensors and not supported).
 Heads: width / 64 in OpenAI's layout (pass --num-heads for ViT-bigG-14 and ViT-g-14, whose heads are
 104 and 88 wide), big_vision's count per width for a trunk without CLS token.
 """

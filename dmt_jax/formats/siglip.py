@@ -117,6 +117,11 @@ def to_reference(ckpt: Mapping) -> Reference:
             f"a big_vision ViT file has params/img/embedding/kernel; keys seen: {name_list(sorted(ckpt), 10)}"
         )
     w = _unstack({k[len(prefix) :]: v for k, v in ckpt.items() if k.startswith(prefix)})
+    if np.ndim(w["embedding/kernel"]) != 4:  # NaFlex: a Dense over flattened patches, no square grid
+        raise FormatError(
+            f"{prefix}embedding/kernel has shape {np.shape(w['embedding/kernel'])}: a NaFlex tower, which is "
+            "not supported; use a fixed-resolution SigLIP / SigLIP 2 file (a (p, p, 3, width) kernel)"
+        )
     if "MAPHead_0/probe" not in w:
         raise FormatError(
             f"no {prefix}MAPHead_0 in this big_vision file: SigLIP's image embedding is its MAP head's "

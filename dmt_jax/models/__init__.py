@@ -9,7 +9,9 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from dmt_jax.models.eva import Eva, EvaConfig
 from dmt_jax.models.features import Features
+from dmt_jax.models.sam import SamConfig, SamEncoder
 from dmt_jax.models.vit import (
     VARIANTS,
     ViT,
@@ -22,6 +24,8 @@ from dmt_jax.models.vit import (
 
 FAMILIES: dict[str, tuple[type, type]] = {
     "vit": (ViTConfig, ViT),
+    "eva": (EvaConfig, Eva),
+    "sam": (SamConfig, SamEncoder),
 }
 
 
@@ -46,8 +50,12 @@ def build_model(family: str, config, dtype: Any = jnp.float32, attention: str = 
 
 __all__ = [
     "FAMILIES",
+    "Eva",
+    "EvaConfig",
     "VARIANTS",
     "Features",
+    "SamConfig",
+    "SamEncoder",
     "ViT",
     "ViTConfig",
     "build_model",

@@ -2,7 +2,7 @@
 
 Parameter names follow timm (patch_embed/proj, cls_token, reg_token, pos_embed, blocks_{i}/norm1,
 attn/qkv, attn/proj, ls1/gamma, norm2, mlp/fc1, mlp/fc2, norm) so conversion and export are a
-name table (dmt_jax/formats.py). Variants are strings in big_vision's style: "Ti/16", "S/16",
+name table (dmt_jax/formats/names_vit.py). Variants are strings in big_vision's style: "Ti/16", "S/16",
 "B/14", ..., built by `ViT.from_variant`.
 """
 
