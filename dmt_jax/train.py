@@ -234,6 +234,14 @@ def build(config, mesh, num_train_examples: int | None = None, teachers=None) ->
     student_patch = parse_variant(config.student.variant)["patch_size"]
     if teachers is None:
         teachers = build_teachers(config.teachers, config.img_size, student_patch, config.data)
+    fingerprints = [fingerprint(t) for t in teachers]  # checkpoints record them (run_record.py)
+    if len(set(fingerprints)) < len(fingerprints) and not config.get("allow_duplicate_teachers", False):
+        first = [fingerprints.index(f) for f in fingerprints]
+        pairs = ", ".join(f"{j} and {i}" for i, j in enumerate(first) if i != j)
+        raise UserError(
+            f"teachers {pairs} of --config.teachers have the same weights (copies of one teacher): it would "
+            "silently weigh double; give it once, or pass --config.allow_duplicate_teachers=True"
+        )
     stack = TeacherStack(teachers, dtype=jnp.dtype(config.teacher_dtype), attention=config.attention)
     student = build_student(config, stack.widths)
     steps = total_steps(config, num_train_examples)
@@ -311,5 +319,5 @@ def build(config, mesh, num_train_examples: int | None = None, teachers=None) ->
         state_shardings,
         abstract_state,
         teacher_params,
-        [fingerprint(t) for t in teachers],  # checkpoints record them (run_record.py)
+        fingerprints,
     )
