@@ -106,6 +106,13 @@ class Emulator:
         self.stop()
 
 
+def _watch_parent(parent: int, stop: threading.Event) -> None:
+    """Sets `stop` once the parent is gone (this process is then re-parented: getppid changes)."""
+    while not stop.wait(0.5):
+        if os.getppid() != parent:
+            stop.set()
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m dmt_jax.storage_emulator",
@@ -118,6 +125,11 @@ def main(argv=None) -> int:
     )
     parser.add_argument(
         "--data-dir", default=None, help="keep the objects in this directory (default: in memory)"
+    )
+    parser.add_argument(
+        "--exit-with-parent",
+        action="store_true",
+        help="stop when the process that started this one ends (tests, benchmarks)",
     )
     args = parser.parse_args(argv)
     buckets = args.bucket or [DEFAULT_BUCKET]
@@ -133,6 +145,8 @@ def main(argv=None) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    if args.exit_with_parent:
+        threading.Thread(target=_watch_parent, args=(os.getppid(), stop), daemon=True).start()
     where = "in memory" if data_dir is None else f"in {data_dir}"
     names = ", ".join(f"gs://{b}" for b in buckets)
     print(

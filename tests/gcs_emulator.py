@@ -27,27 +27,26 @@ _DERIVED = (
 )
 
 
-def _die_with_parent():
-    """Linux: the emulator gets SIGTERM when the process that started it dies (a test or a bench killed
-    by a timeout), instead of serving on, orphaned."""
-    import ctypes
-    import signal
-
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 class EmulatorProcess:
     """`python -m dmt_jax.storage_emulator --port 0 --bucket BUCKET` in the background; `url` from its
     first line; what it prints afterwards is kept (the last lines) for a failing test to show."""
 
     def __init__(self, bucket: str = BUCKET, timeout: float = 60):
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "dmt_jax.storage_emulator", "--port", "0", "--bucket", bucket],
+            # --exit-with-parent: a test or bench killed by a timeout leaves no emulator serving on
+            [
+                sys.executable,
+                "-m",
+                "dmt_jax.storage_emulator",
+                "--port",
+                "0",
+                "--bucket",
+                bucket,
+                "--exit-with-parent",
+            ],  # fmt: skip
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-            preexec_fn=_die_with_parent,
         )
         first = self._first_line(timeout)
         found = re.search(r"STORAGE_EMULATOR_HOST=(\S+)", first)
