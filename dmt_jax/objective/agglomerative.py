@@ -218,3 +218,14 @@ def features_from_tokens(tokens, num_reg_tokens: int) -> Features:
     token as the summary: the adapter until every family returns Features itself."""
     prefix = 1 + num_reg_tokens
     return Features(prefix=tokens[:, :prefix], patches=tokens[:, prefix:], summary=tokens[:, 0])
+
+
+def stack_features(stack, names, params, pixels) -> dict[str, Features]:
+    """The teachers' Features by name. A stack with `features` (the teacher families') gives them itself;
+    today's ViT stack gives its tokens, turned into Features here (the CLS token as the summary)."""
+    if hasattr(stack, "features"):
+        features = stack.features(params, pixels)
+    else:
+        tokens = stack.apply(params, pixels)
+        features = [features_from_tokens(t, r) for t, r in zip(tokens, stack.num_reg_tokens, strict=True)]
+    return dict(zip(names, features, strict=True))
