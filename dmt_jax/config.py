@@ -379,7 +379,13 @@ BASE_SCHEMA = {
                 ),
                 "norm": Field(
                     "layernorm",
-                    "target normalization: none | layernorm (DMT's) | standardize (UNIC) | phi_s (RADIOv2.5)",
+                    "dense targets' normalization: none | layernorm (DMT) | standardize (UNIC) | phi_s",
+                    one_of("none", "layernorm", "standardize", "phi_s"),
+                ),
+                "summary_norm": Field(
+                    "none",
+                    "summary target's normalization, the same kinds (phi_s: needs phi_s_steps x batch_size "
+                    "above its width)",
                     one_of("none", "layernorm", "standardize", "phi_s"),
                 ),
                 "summary_weight": Field(1.0, "weight of this teacher's summary loss", non_negative),

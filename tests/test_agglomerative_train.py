@@ -25,7 +25,7 @@ def agglomerative_config(**overrides):
     c.agglomerative.per_teacher = {
         "dino": teacher_options(norm="phi_s", summary_weight=0.5),
         "sam": teacher_options(norm="standardize", summary_head="none", dense_weight=2.0),
-        "clip": teacher_options(summary_head="mlp_v1", dense_head="ln_linear"),
+        "clip": teacher_options(summary_head="mlp_v1", dense_head="ln_linear", summary_norm="standardize"),
     }
     c.agglomerative.teacher_drop = 0.5
     c.agglomerative.phi_s_steps = 4
@@ -150,3 +150,17 @@ def test_stage_position_table_is_the_stored_one_resized(px):
     np.testing.assert_array_equal(pos[:, : 1 + regs], params["encoder"]["pos_embed"][:, : 1 + regs])
     if px == 32:
         assert resized is params
+
+
+@pytest.mark.parametrize("shape", [(4, 2), (2, 1), (3, 1)])  # 8 and 2 batch shards: the butterfly; 3: psum
+def test_ordered_batch_sum(shape):
+    mesh = parallel.make_mesh(*shape, devices=jax.devices()[: shape[0] * shape[1]])
+    batch_sum = parallel.ordered_batch_sum(mesh)
+    x = np.random.default_rng(0).standard_normal((24 * 5, 7)).astype(np.float32)
+    placed = jax.device_put(x, parallel.batch_sharding(mesh))
+    total = jax.jit(batch_sum)(placed)
+    np.testing.assert_allclose(total, x.astype(np.float64).sum(0), rtol=1e-5, atol=1e-5)
+    outer = jax.jit(lambda a: batch_sum(a, lambda r: r.T @ r))(placed)
+    np.testing.assert_allclose(outer, x.T.astype(np.float64) @ x, rtol=1e-5, atol=1e-4)
+    shards = [np.asarray(s.data) for s in total.addressable_shards]
+    assert all(np.array_equal(s, shards[0]) for s in shards)  # every device holds the same bits

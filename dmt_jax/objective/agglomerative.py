@@ -44,7 +44,8 @@ class TeacherTarget:
     summary_dim: int | None  # None: no summary target (a teacher without one, as SAM, or not wanted)
     dense_dim: int | None  # None: no dense target
     grid: tuple[int, int]  # the teacher's patch grid (rows, columns)
-    norm: str = "none"  # normalize.KINDS
+    norm: str = "none"  # of the dense targets: normalize.KINDS
+    summary_norm: str = "none"  # of the summary target
     summary_head: str = "mlp_v2"  # heads.KINDS
     dense_head: str = "mlp_v2"
     summary_weight: float = 1.0
@@ -64,6 +65,7 @@ class Options:
     momentum: tuple[float, float] = (1.0, 0.001)  # standardize's EMA momentum, start -> end (cosine)
     phi_s_steps: int = 100
     total_steps: int = 1
+    sum_rows: Any = None  # how statistics sum over the global batch (normalize.normalize)
 
 
 def sorted_teachers(teachers) -> tuple[TeacherTarget, ...]:
@@ -119,7 +121,7 @@ def init_stats(teachers) -> dict:
     out = {}
     for t in sorted_teachers(teachers):
         one = {}
-        if t.summary_dim and (s := normalize.init_stats(t.norm, t.summary_dim)):
+        if t.summary_dim and (s := normalize.init_stats(t.summary_norm, t.summary_dim)):
             one["summary"] = s
         if t.dense_dim and (s := normalize.init_stats(t.norm, t.dense_dim)):
             one["dense"] = s
@@ -142,14 +144,15 @@ def make_targets(
     without gradient. Dense targets are on the teacher's grid, or on the student's (at its visible
     patches `keep` [B, n]) when the teacher's features go to the student's grid."""
     momentum = normalize.momentum_at(step, options.total_steps, options.momentum)
-    kw = dict(eps=options.norm_eps, momentum=momentum, phi_s_steps=options.phi_s_steps, update=update)
+    kw = dict(eps=options.norm_eps, momentum=momentum, phi_s_steps=options.phi_s_steps, update=update,
+              sum_rows=options.sum_rows)  # fmt: skip
     targets, new_stats = {}, {}
     for t in sorted_teachers(teachers):
         f, s, one = features[t.name], dict(stats.get(t.name, {})), {}
         if t.summary_dim:
             if f.summary is None:
                 raise ValueError(f"teacher {t.name!r} has no summary: give it no summary target")
-            one["summary"], s_new = normalize.normalize(t.norm, f.summary, s.get("summary", {}), **kw)
+            one["summary"], s_new = normalize.normalize(t.summary_norm, f.summary, s.get("summary", {}), **kw)
             if s_new:
                 s["summary"] = s_new
         if t.dense_dim:
