@@ -261,6 +261,14 @@ def build(config, mesh, num_train_examples: int | None = None, teachers=None) ->
         teachers = build_teachers(
             config.teachers, config.img_size, student_patch, config.data, same_grid=not aggl
         )
+    fingerprints = [fingerprint(t) for t in teachers]  # checkpoints record them (run_record.py)
+    if len(set(fingerprints)) < len(fingerprints) and not config.get("allow_duplicate_teachers", False):
+        first = [fingerprints.index(f) for f in fingerprints]
+        pairs = ", ".join(f"{j} and {i}" for i, j in enumerate(first) if i != j)
+        raise UserError(
+            f"teachers {pairs} of --config.teachers have the same weights (copies of one teacher): it would "
+            "silently weigh double; give it once, or pass --config.allow_duplicate_teachers=True"
+        )
     stack = TeacherStack(teachers, dtype=jnp.dtype(config.teacher_dtype), attention=config.attention)
     specs = teacher_targets(config, stack) if aggl else None
     student = build_agglomerative_student(config, specs) if aggl else build_student(config, stack.widths)
@@ -405,7 +413,7 @@ def build(config, mesh, num_train_examples: int | None = None, teachers=None) ->
         state_shardings,
         abstract_state,
         teacher_params,
-        [fingerprint(t) for t in teachers],  # checkpoints record them (run_record.py)
+        fingerprints,
         view,
         specs,
     )

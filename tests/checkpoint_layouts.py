@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import warnings
 
 import torch
+from timm.models.eva import Eva as TimmEva
 from timm.models.vision_transformer import VisionTransformer
 
+from dmt_jax.models.eva import EvaConfig
 from dmt_jax.teachers import num_heads_for_width
 
 
@@ -182,3 +185,252 @@ CASES = {
     "dinov2": (B14_518, dinov2_layout, "dinov2"),
     "dinov2_reg4": (B14_518_REG, dinov2_layout, "dinov2"),
 }
+
+
+# ---------------------------------------------------------------- CLIP / OpenCLIP (open_clip) and SigLIP
+
+# A small text tower: the files carry one, conversion must drop it, its size does not matter.
+TINY_TEXT = dict(context_length=8, vocab_size=64, width=64, heads=1, layers=1)
+
+
+@torch.no_grad()
+def randomize_all_(model: torch.nn.Module, seed: int) -> None:
+    """Random values for every parameter of any model (open_clip's ln_*, embeddings and scalars too)."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        noise = torch.randn(p.shape, generator=gen)
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf == "gamma":
+            p.copy_(0.5 + 0.3 * noise)
+        elif ("norm" in name or "ln_" in name) and leaf == "weight":
+            p.copy_(1.0 + 0.3 * noise)
+        elif (
+            p.ndim <= 1
+            or leaf in ("bias", "latent")
+            or "embedding" in leaf
+            or leaf in ("cls_token", "pos_embed")
+        ):
+            p.copy_(0.3 * noise)
+        else:  # Linear / conv weights and CLIP's proj, scaled to keep activations O(1)
+            p.copy_(noise / p[0].numel() ** 0.5)
+
+
+def random_open_clip(width: int, layers: int, patch: int, img_size: int, *, quick_gelu: bool = False,
+                     layerscale: bool = False, embed_dim: int = 32, seed: int = 0):  # fmt: skip
+    """An open_clip CLIP (OpenAI's layout: visual.conv1, visual.transformer.resblocks.N, ...)."""
+    import open_clip
+
+    vision = dict(layers=layers, width=width, patch_size=patch, image_size=img_size,
+                  ls_init_value=0.1 if layerscale else None)  # fmt: skip
+    model = open_clip.model.CLIP(embed_dim, vision, TINY_TEXT, quick_gelu=quick_gelu)
+    randomize_all_(model, seed)
+    return model.eval()
+
+
+def random_open_clip_timm_trunk(timm_name: str, depth: int, embed_dim: int, seed: int = 0, **timm_kwargs):
+    """An open_clip CLIP whose image tower is a timm trunk (open_clip's SigLIP configs: pool 'map', proj
+    'none'), cut to `depth` blocks."""
+    import open_clip
+
+    vision = dict(timm_model_name=timm_name, timm_model_pretrained=False, timm_pool="map", timm_proj="none",
+                  image_size=224)  # fmt: skip
+    model = open_clip.model.CLIP(embed_dim, vision, TINY_TEXT)
+    model.visual.trunk.blocks = model.visual.trunk.blocks[:depth]
+    randomize_all_(model, seed)
+    return model.eval()
+
+
+def openai_torchscript(model, path, *, half: bool = True) -> None:
+    """Saves `model` as OpenAI released CLIP: a TorchScript archive (traced), fp16, with the
+    input_resolution entry OpenAI's state dicts carry (open_clip's CLIP has the other two already)."""
+    size = model.visual.image_size[0]
+    if not hasattr(model, "input_resolution"):
+        model.register_buffer("input_resolution", torch.tensor(size))
+    images, text = torch.zeros(1, 3, size, size), torch.zeros(1, 8, dtype=torch.long)
+    with warnings.catch_warnings():  # tracing is deprecated and chatty; OpenAI's archives were traced
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(model, (images, text), check_trace=False, strict=False)
+    torch.jit.save(traced.half() if half else traced, str(path))
+
+
+def big_vision_siglip(model, *, stacked: bool = False, prefix: str = "params/img/") -> dict:
+    """A timm SigLIP ViT's weights as big_vision saves a SigLIP two-tower model (.npz arrays): the
+    inverse of timm's _load_weights, plus a text tower and the logit scale/bias."""
+    sd = {k: v.detach().numpy().astype("float32") for k, v in model.state_dict().items()}
+    d = model.embed_dim
+    h = model.blocks[0].attn.num_heads
+    heads_in = lambda w: w.T.reshape(d, h, d // h)  # torch [out, in] -> [D, heads, head_dim]
+    heads_out = lambda w: w.T.reshape(h, d // h, d)
+    w = {
+        "embedding/kernel": sd["patch_embed.proj.weight"].transpose(2, 3, 1, 0),
+        "embedding/bias": sd["patch_embed.proj.bias"],
+        "pos_embedding": sd["pos_embed"],
+        "Transformer/encoder_norm/scale": sd["norm.weight"],
+        "Transformer/encoder_norm/bias": sd["norm.bias"],
+    }
+
+    def attention(out: str, q, k, v, qb, kb, vb, proj, proj_b):
+        for name, kernel, bias in (("query", q, qb), ("key", k, kb), ("value", v, vb)):
+            w[f"{out}{name}/kernel"], w[f"{out}{name}/bias"] = heads_in(kernel), bias.reshape(h, d // h)
+        w[f"{out}out/kernel"], w[f"{out}out/bias"] = heads_out(proj), proj_b
+
+    def mlp(out: str, src: str):
+        for r in range(2):
+            w[f"{out}Dense_{r}/kernel"] = sd[f"{src}fc{r + 1}.weight"].T
+            w[f"{out}Dense_{r}/bias"] = sd[f"{src}fc{r + 1}.bias"]
+
+    for i in range(len(model.blocks)):
+        b, s = f"Transformer/encoderblock_{i}/", f"blocks.{i}."
+        w[f"{b}LayerNorm_0/scale"], w[f"{b}LayerNorm_0/bias"] = sd[s + "norm1.weight"], sd[s + "norm1.bias"]
+        w[f"{b}LayerNorm_1/scale"], w[f"{b}LayerNorm_1/bias"] = sd[s + "norm2.weight"], sd[s + "norm2.bias"]
+        qkv, qkv_b = sd[s + "attn.qkv.weight"], sd[s + "attn.qkv.bias"]
+        attention(f"{b}MultiHeadDotProductAttention_0/", *qkv.reshape(3, d, d), *qkv_b.reshape(3, d),
+                  sd[s + "attn.proj.weight"], sd[s + "attn.proj.bias"])  # fmt: skip
+        mlp(f"{b}MlpBlock_0/", s + "mlp.")
+    m = "MAPHead_0/"
+    w[m + "probe"] = sd["attn_pool.latent"]
+    w[m + "LayerNorm_0/scale"], w[m + "LayerNorm_0/bias"] = (
+        sd["attn_pool.norm.weight"],
+        sd["attn_pool.norm.bias"],
+    )
+    kv, kv_b = sd["attn_pool.kv.weight"].reshape(2, d, d), sd["attn_pool.kv.bias"].reshape(2, d)
+    attention(f"{m}MultiHeadDotProductAttention_0/", sd["attn_pool.q.weight"], *kv, sd["attn_pool.q.bias"],
+              *kv_b, sd["attn_pool.proj.weight"], sd["attn_pool.proj.bias"])  # fmt: skip
+    mlp(m + "MlpBlock_0/", "attn_pool.mlp.")
+    if stacked:  # big_vision's scan layout: one encoderblock, the depth leading
+        import numpy as np
+
+        first = [k for k in w if k.startswith("Transformer/encoderblock_0/")]
+        for k in first:
+            rest = k.removeprefix("Transformer/encoderblock_0/")
+            blocks = [w.pop(f"Transformer/encoderblock_{i}/{rest}") for i in range(len(model.blocks))]
+            w[f"Transformer/encoderblock/{rest}"] = np.stack(blocks)
+    gen = torch.Generator().manual_seed(16)
+    text = {"txt/Encoder_0/encoder_norm/scale": _noise(gen, 64), "txt/Embed_0/embedding": _noise(gen, 64, 32),
+            "txt/head/kernel": _noise(gen, 32, d), "t": _noise(gen, 1), "b": _noise(gen, 1)}  # fmt: skip
+    out = {prefix + k: v for k, v in w.items()}
+    out |= {prefix.removesuffix("img/") + k: v.numpy() for k, v in text.items()}
+    return out
+
+
+# ---------------------------------------------------------------- EVA-02 (baaivision/EVA, open_clip)
+
+
+def random_timm_eva(config: EvaConfig, seed: int = 0) -> TimmEva:
+    """timm's Eva shaped by `config` (global_pool='token': the final norm on every token, as the MIM
+    and EVA-CLIP files have it), random values everywhere."""
+    model = TimmEva(
+        img_size=config.img_size,
+        patch_size=config.patch_size,
+        embed_dim=config.width,
+        depth=config.depth,
+        num_heads=config.num_heads,
+        qkv_fused=False,
+        qkv_bias=config.qv_bias,
+        mlp_ratio=(config.mlp_dim + 0.5) / config.width,  # timm takes int(width * ratio)
+        swiglu_mlp=True,
+        swiglu_align_to=1,  # separate fc1_g / fc1_x also without the hidden norm (EVA's w1 / w2)
+        scale_mlp=config.mlp_norm,
+        scale_attn_inner=config.attn_norm,
+        use_rot_pos_emb=True,
+        ref_feat_shape=(config.rope_ref_grid, config.rope_ref_grid),
+        num_reg_tokens=config.num_reg_tokens,
+        global_pool="token",
+        num_classes=config.proj_dim,
+    )
+    assert model.blocks[0].mlp.fc1_g.out_features == config.mlp_dim
+    randomize_(model, seed)
+    return model.eval()
+
+
+# EVA's names for timm's (eva.checkpoint_filter_fn, read backwards).
+TO_OFFICIAL = (
+    ("attn.q_proj.bias", "attn.q_bias"),
+    ("attn.v_proj.bias", "attn.v_bias"),
+    ("attn.norm.", "attn.inner_attn_ln."),
+    ("mlp.norm.", "mlp.ffn_ln."),
+    ("mlp.fc1_g.", "mlp.w1."),
+    ("mlp.fc1_x.", "mlp.w2."),
+    ("mlp.fc2.", "mlp.w3."),
+    ("mlp.fc1.", "mlp.w12."),  # Ti/S: timm's packed GluMlp is xformers' SwiGLU w12 (rows w1; w2)
+)
+# Released shapes at test size: 64-wide heads (the format's fixed head width), 16-grid RoPE.
+
+
+def official_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, tensor in model.state_dict().items():
+        for timm_name, official in TO_OFFICIAL:
+            name = name.replace(timm_name, official)
+        out[name] = tensor.detach().clone()
+    return out
+
+
+def junk(*names_shapes) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(99)
+    return {name: torch.randn(shape, generator=gen) for name, shape in names_shapes}
+
+
+def rope_buffers(config: EvaConfig, prefix: str = "") -> dict[str, torch.Tensor]:
+    """EVA's persistent RoPE buffers (the shared module and its alias in every block): noise, so that
+    reading them instead of recomputing the rotation would show."""
+    shape = (config.grid**2, config.head_dim)
+    names = ["rope."] + [f"blocks.{i}.attn.rope." for i in range(config.depth)]
+    return junk(*[(f"{prefix}{n}freqs_{f}", shape) for n in names for f in ("cos", "sin")])
+
+
+def text_tower(prefix: str = "text.") -> dict[str, torch.Tensor]:
+    return junk(
+        (f"{prefix}token_embedding.weight", (100, 32)),
+        (f"{prefix}positional_embedding", (77, 32)),
+        (f"{prefix}transformer.resblocks.0.attn.in_proj_weight", (96, 32)),
+        (f"{prefix}ln_final.weight", (32,)),
+        (f"{prefix}text_projection", (32, 48)),
+        ("logit_scale", ()),
+    )
+
+
+def mim_layout(model, config, wrapper="module"):
+    """eva02_*_pt_*_p14.pt: the MIM model (mask_token, lm_head) with EVA's RoPE buffers."""
+    sd = official_state(model) | rope_buffers(config)
+    sd |= junk(("mask_token", (1, 1, config.width)), ("lm_head.weight", (64, config.width)))
+    sd |= junk(("lm_head.bias", (64,)))
+    return {wrapper: sd, "epoch": 99} if wrapper else sd
+
+
+def eva_clip_layout(model, config, ddp=False):
+    """EVA02_CLIP_*.pt: the whole CLIP; the vision tower under visual. (with its projection head)."""
+    sd = {f"visual.{k}": v for k, v in (official_state(model) | rope_buffers(config)).items()}
+    sd |= text_tower()
+    return {"state_dict": {f"module.{k}": v for k, v in sd.items()}} if ddp else sd
+
+
+def fused_timm_eva(config: EvaConfig, seed: int) -> TimmEva:
+    """EVA-02 Ti/S as timm builds them: fused qkv (q/v bias), packed SwiGLU, no ffn_ln."""
+    model = TimmEva(
+        img_size=config.img_size,
+        patch_size=config.patch_size,
+        embed_dim=config.width,
+        depth=config.depth,
+        num_heads=config.num_heads,
+        mlp_ratio=(config.mlp_dim + 0.5) / config.width,
+        swiglu_mlp=True,
+        use_rot_pos_emb=True,
+        ref_feat_shape=(16, 16),
+        global_pool="token",
+        num_classes=0,
+    )
+    randomize_(model, seed)
+    return model.eval()
+
+
+def openclip_visual(config: EvaConfig, seed: int):
+    """OpenCLIP's EVA02-B-16 vision tower (a timm trunk whose head is the projection), cut to
+    config.depth blocks; returns (the tower, its file)."""
+    from open_clip.timm_model import TimmModel
+
+    visual = TimmModel("eva02_base_patch16_clip_224", embed_dim=config.proj_dim, pool="token", proj=None)
+    visual.trunk.blocks = visual.trunk.blocks[: config.depth]
+    randomize_(visual, seed)
+    visual.eval()
+    return visual, {f"visual.{k}": v.detach().clone() for k, v in visual.state_dict().items()} | text_tower()

@@ -216,19 +216,6 @@ def _batch(parts: dict) -> int:
     return next(v.shape[0] for one in parts.values() for v in one.values())
 
 
-def features_from_tokens(tokens, num_reg_tokens: int) -> Features:
-    """Today's ViT teacher output [B, 1 + R + N, D] (CLS, registers, patches) -> Features with the CLS
-    token as the summary: the adapter until every family returns Features itself."""
-    prefix = 1 + num_reg_tokens
-    return Features(prefix=tokens[:, :prefix], patches=tokens[:, prefix:], summary=tokens[:, 0])
-
-
 def stack_features(stack, names, params, pixels) -> dict[str, Features]:
-    """The teachers' Features by name. A stack with `features` (the teacher families') gives them itself;
-    today's ViT stack gives its tokens, turned into Features here (the CLS token as the summary)."""
-    if hasattr(stack, "features"):
-        features = stack.features(params, pixels)
-    else:
-        tokens = stack.apply(params, pixels)
-        features = [features_from_tokens(t, r) for t, r in zip(tokens, stack.num_reg_tokens, strict=True)]
-    return dict(zip(names, features, strict=True))
+    """The teachers' Features (TeacherStack.features: each at its own resolution and input rule), by name."""
+    return dict(zip(names, stack.features(params, pixels), strict=True))
