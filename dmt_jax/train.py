@@ -440,7 +440,10 @@ def teacher_targets(config, stack) -> tuple[agg.TeacherTarget, ...]:
         o = config_entry(blocks, name, BLOCK_FIELDS)
         f = shapes[name]
         summary = o.summary_head != "none" and f.summary is not None
-        samples, width = config.agglomerative.phi_s_steps * config.batch_size, f.summary.shape[-1]
+        samples, width = (
+            config.agglomerative.phi_s_steps * config.batch_size,
+            f.summary.shape[-1] if summary else 0,
+        )
         if summary and o.summary_norm == "phi_s" and samples <= width:
             raise UserError(
                 f"teacher {name}: PHI-S of its {width}-wide summary from phi_s_steps x batch_size = "
