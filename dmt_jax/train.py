@@ -413,7 +413,8 @@ def build(config, mesh, num_train_examples: int | None = None, teachers=None) ->
         state_shardings,
         abstract_state,
         teacher_params,
-        fingerprints,
+        # An agglomerative run's teachers by name: listing them in another order is the same run.
+        sorted(f"{n}:{f}" for n, f in zip(names, fingerprints, strict=True)) if aggl else fingerprints,
         view,
         specs,
     )
