@@ -24,12 +24,13 @@ def _open_ids_log(workdir: str):
     run writes its steps again after it (the later line wins).
     """
     path = os.path.join(workdir, f"example_ids.p{jax.process_index()}.jsonl")
-    if os.path.exists(path):
-        with open(path, "rb+") as f:
-            text = f.read()
-            if text and not text.endswith(b"\n"):
-                f.truncate(text.rfind(b"\n") + 1)
-    return open(path, "a", buffering=1)
+    fd = storage.open_local(path, os.O_RDWR | os.O_CREAT)  # never through a link, never a FIFO
+    f = os.fdopen(fd, "r+b", buffering=0)
+    text = f.read()
+    if text and not text.endswith(b"\n"):
+        f.truncate(text.rfind(b"\n") + 1)
+    f.close()
+    return os.fdopen(storage.open_local(path, os.O_WRONLY | os.O_APPEND), "a", buffering=1)
 
 
 def run_eval(setup, state, fns, cache: dict, step: int) -> dict[str, float]:
@@ -62,9 +63,7 @@ def run_eval(setup, state, fns, cache: dict, step: int) -> dict[str, float]:
                 top1 = evaluate.linear_probe_top1(a, y_train, b, y_test, cfg.linear_probe_steps)
                 cache["teachers"][f"linear_probe_top1/teacher_{k}"] = top1
     out.update(cache["teachers"])
-    align, _ = evaluate.collect(
-        fns["alignment"], batches("knn_eval"), mesh, state.params, setup.teacher_params
-    )
+    align, _ = evaluate.collect(fns["alignment"], batches("knn_eval"), mesh, state, setup.teacher_params)
     for k, v in enumerate(np.asarray(align).mean(0)):
         out[f"alignment/teacher_{k}"] = float(v)
     return out
@@ -78,6 +77,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     training goes on (the next save retries).
     """
     _use_compilation_cache(config.compilation_cache_dir)
+    workdir = storage.resolve(workdir, "--workdir")  # one form for every reader and writer (storage.py)
     return runner.with_workdir_lock(workdir, _train_and_evaluate_locked, config, workdir)
 
 

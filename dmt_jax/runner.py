@@ -10,6 +10,7 @@ evaluation and export. Everything a stop request, a failed save or a resume does
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -20,7 +21,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from dmt_jax import checkpoint, data, errors, evaluate, flops, run_record, storage, workdir_lock
+from dmt_jax import checkpoint, data, errors, evaluate, flops, run_record, storage, summary, workdir_lock
 
 
 class StopRequested(Exception):
@@ -341,11 +342,14 @@ def resume_or_start(
     start = int(state.step)
     if jax.process_index() == 0:
         storage.write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
+        resolved = dict(summary.schedule(setup, num_examples), started_at_step=start)  # for dmt-report
+        storage.write_text(os.path.join(workdir, "schedule.json"), json.dumps(resolved, indent=2))
+    view_size = getattr(setup, "view_size", None)  # agglomerative: the largest teacher's or stage's size
     train_input = data.make_train_input(
         config.data,
         train_source,
         global_batch=config.batch_size,
-        img_size=config.img_size,
+        img_size=view_size or config.img_size,
         seed=config.seed,
         process_index=jax.process_index(),
         process_count=jax.process_count(),

@@ -40,6 +40,7 @@ import threading
 import time
 import uuid
 
+from dmt_jax import storage
 from dmt_jax.errors import UserError
 
 LOCK_FILE = ".dmt_lock"
@@ -111,7 +112,7 @@ class WorkdirLock:
     """`with WorkdirLock(workdir):` or acquire() / release(); WorkdirLocked when another run holds it."""
 
     def __init__(self, workdir: str | os.PathLike):
-        self.workdir = str(workdir)
+        self.workdir = storage.resolve(workdir, "--workdir")  # the form every writer uses
         self.remote = "://" in self.workdir
         self.holder = _holder()
         self.lost = False  # a gs:// lock found taken over by another run (its heartbeats failed for 30 s)
@@ -158,7 +159,7 @@ class WorkdirLock:
         import fcntl
 
         path = os.path.join(self.workdir, LOCK_FILE)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = storage.open_local(path, os.O_RDWR | os.O_CREAT, 0o644)  # never a planted link or FIFO
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -27,12 +27,13 @@ def check_run(config, workdir: str) -> None:
         parallel.initialize_distributed(config.distributed)
         problems += validate.device_problems(config)
     problems += data.dataset_problems(config.data, ("train", "knn_eval"))
-    if config.init and storage.path(config.init) == storage.path(workdir):
+    init = _init_path(config.init)
+    if config.init and init == _init_path(workdir):
         problems.append(
             f"--config.init is the --workdir ({workdir}): a fine-tuning writes its own checkpoints there; "
             "choose another --workdir"
         )
-    elif config.init and not storage.path(config.init).exists():
+    elif config.init and not (init and init.exists()):
         problems.append(
             f"--config.init={config.init!r} does not exist: name a distillation workdir (e.g. the demo's, "
             "after `python -m dmt_jax.main --config=configs/demo.py --workdir=/tmp/dmt_demo`), a "
@@ -41,6 +42,14 @@ def check_run(config, workdir: str) -> None:
     problems += validate.workdir_problems(workdir)
     if problems:
         raise UserError(*problems)
+
+
+def _init_path(text: str):
+    """The resolved path (storage.py's one form), or None for a name no path can have (blank, too long)."""
+    try:
+        return storage.path(text, "--config.init") if text else None
+    except UserError:
+        return None
 
 
 def run(argv=None):

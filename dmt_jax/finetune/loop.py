@@ -24,6 +24,7 @@ def finetune(config, workdir: str) -> dict[str, float]:
     when stopped early. As the distillation (runner.py): the workdir is locked, a resume must continue the
     same run (same init, same training fields), a stop request is honoured after any step, while waiting
     for input, during an evaluation and while the first step compiles."""
+    workdir = storage.resolve(workdir, "--workdir")  # one form for every reader and writer (storage.py)
     return runner.with_workdir_lock(workdir, _finetune_locked, config, workdir)
 
 
@@ -74,7 +75,7 @@ def describe_run(setup: FinetuneSetup, train_source) -> str:
             f"model: ViT {c.model.variant} at {c.img_size} px, {grid}x{grid} grid, {pool}, "
             f"{setup.num_classes} classes",
             init,
-            summary.schedule_line(c, setup.steps, len(train_source)),
+            summary.describe_schedule(summary.schedule(setup, len(train_source))),
             summary.devices_line(setup.mesh),
         ]
     )

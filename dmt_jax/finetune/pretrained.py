@@ -39,16 +39,16 @@ class Pretrained:
 
 def load_pretrained(source: str) -> Pretrained:
     """A distillation workdir, a student_timm.safetensors or a converted teacher directory -> Pretrained."""
-    path = storage.path(source)
+    path = storage.path(source, "--config.init")  # the form every reader of the init uses
     if (path / "spec.json").exists():
-        teacher = load_teacher(source)
+        teacher = load_teacher(path)
         spec, state = teacher.spec, formats.flax_to_timm(flatten_params(teacher.params))
         arch = formats.infer_architecture(state)
         return Pretrained(
             teacher.params, arch, spec.num_heads, spec.mean, spec.std, f"teacher {spec.variant}"
         )
     if (path / "checkpoints").is_dir():
-        return _from_distillation(source)
+        return _from_distillation(str(path))
     if path.name.endswith(".safetensors") and path.is_file():
         state, metadata = read_safetensors(path)
         try:
