@@ -33,7 +33,7 @@ import numpy as np
 import optax
 from etils import epath
 
-from dmt_jax import checkpoint, data, evaluate, flops, formats, loop, objective, parallel, train
+from dmt_jax import checkpoint, data, evaluate, flops, formats, loop, mixup, objective, parallel, train
 from dmt_jax.errors import UserError
 from dmt_jax.models.vit import LayerNorm, ViT, parse_variant
 from dmt_jax.teachers import IMAGENET_MEAN, IMAGENET_STD, flatten_params, load_teacher, unflatten_params
@@ -181,42 +181,6 @@ def smooth_one_hot(labels, num_classes: int, smoothing: float):
     return jax.nn.one_hot(labels, num_classes) * (1.0 - smoothing) + smoothing / num_classes
 
 
-def sample_mix(rng, config, height: int, width: int):
-    """timm Mixup in 'batch' mode: (lam, box (top, bottom, left, right), use_cutmix) for one batch;
-    lam is already corrected to the box's area under CutMix (timm's correct_lam)."""
-    r_switch, r_lam, r_apply, r_y, r_x = jax.random.split(rng, 5)
-    both = config.mixup_alpha > 0 and config.cutmix_alpha > 0
-    switch = jax.random.uniform(r_switch) < config.mixup_switch_prob
-    use_cutmix = switch if both else jnp.asarray(config.cutmix_alpha > 0)
-    lam_mixup = jax.random.beta(r_lam, max(config.mixup_alpha, 1e-6), max(config.mixup_alpha, 1e-6))
-    lam_cutmix = jax.random.beta(r_lam, max(config.cutmix_alpha, 1e-6), max(config.cutmix_alpha, 1e-6))
-    lam = jnp.where(use_cutmix, lam_cutmix, lam_mixup)
-    lam = jnp.where(jax.random.uniform(r_apply) < config.mixup_prob, lam, 1.0)
-    ratio = jnp.sqrt(1.0 - lam)
-    cut_h, cut_w = (height * ratio).astype(jnp.int32), (width * ratio).astype(jnp.int32)
-    cy, cx = jax.random.randint(r_y, (), 0, height), jax.random.randint(r_x, (), 0, width)
-    box = (
-        jnp.clip(cy - cut_h // 2, 0, height),
-        jnp.clip(cy + cut_h // 2, 0, height),
-        jnp.clip(cx - cut_w // 2, 0, width),
-        jnp.clip(cx + cut_w // 2, 0, width),
-    )
-    area = (box[1] - box[0]) * (box[3] - box[2])
-    lam = jnp.where(use_cutmix, 1.0 - area / (height * width), lam)
-    return lam, box, use_cutmix
-
-
-def mix_batch(pixels, targets, lam, box, use_cutmix):
-    """Each example mixed with the batch's mirror image (timm: x.flip(0)); CutMix pastes the box."""
-    flipped = pixels[::-1]
-    rows = jnp.arange(pixels.shape[1])[:, None]
-    cols = jnp.arange(pixels.shape[2])[None, :]
-    inside = (rows >= box[0]) & (rows < box[1]) & (cols >= box[2]) & (cols < box[3])
-    cut = jnp.where(inside[None, :, :, None], flipped, pixels)
-    blend = lam * pixels + (1.0 - lam) * flipped
-    return jnp.where(use_cutmix, cut, blend), lam * targets + (1.0 - lam) * targets[::-1]
-
-
 # ---------------------------------------------------------------- build: model, state, step
 
 
@@ -326,11 +290,10 @@ def build(config, mesh, num_train_examples: int, num_classes: int) -> FinetuneSe
     def step_fn(state: FinetuneState, batch):
         rng = jax.random.fold_in(state.rng, state.step)
         r_mix, r_drop = jax.random.split(rng)
-        pixels = batch["image"].astype(jnp.float32)
+        pixels = batch["image"]
         targets = smooth_one_hot(batch["label"], num_classes, config.label_smoothing)
-        if config.mixup_alpha > 0 or config.cutmix_alpha > 0:
-            lam, box, use_cutmix = sample_mix(r_mix, config, pixels.shape[1], pixels.shape[2])
-            pixels, targets = mix_batch(pixels, targets, lam, box, use_cutmix)
+        if config.mixup_alpha > 0 or config.cutmix_alpha > 0:  # within each device's shard: no collective
+            pixels, targets = mixup.mix_per_shard(r_mix, config, pixels, targets, mesh)
 
         def loss_fn(params):
             logits = model.apply({"params": params}, normalized(pixels), train=True, rngs={"dropout": r_drop})
