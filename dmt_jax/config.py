@@ -399,7 +399,14 @@ DATA_SCHEMA = {
     "crop_scale": Field(
         (0.2, 1.0), "random-resized-crop area range (fractions of the image)", range_pair(0, 1)
     ),
-    "crop_ratio": Field((3 / 4, 4 / 3), "random-resized-crop aspect-ratio range", range_pair(0, None)),
+    "crop_ratio": Field(
+        (3 / 4, 4 / 3), "random-resized-crop aspect-ratio range (sampled log-uniform)", range_pair(0, None)
+    ),
+    "interpolation": Field(
+        "bilinear",
+        "resizing of training crops and evaluation images, antialiased as PIL's: bilinear | bicubic",
+        one_of("bilinear", "bicubic"),
+    ),
     "eval_crop_fraction": Field(
         0.875,
         "center crop of evaluation images (resize to img_size / it, then crop)",
@@ -498,6 +505,12 @@ FINETUNE_SCHEMA = {
             one_of("avg", "token"),
         ),
         "head_init_std": Field(2e-5, "std of the classifier's initial weights (MAE: 2e-5)", positive),
+        "residual_dtype": Field(
+            "",
+            "dtype of the residual stream (and position embeddings): '' the matmuls' `dtype`; float32 "
+            "keeps it float32 under bfloat16 matmuls, as MAE's autocast does",
+            one_of("", "float32", "bfloat16"),
+        ),
     },
     "num_classes": Field(
         -1, "classes of the classifier; -1: those of the training set", integer(at_least(1, or_=(-1,)))
@@ -540,6 +553,7 @@ FINETUNE_SCHEMA = {
         "crop_scale": _default("crop_scale", (0.08, 1.0), DATA_SCHEMA),
         "randaugment": _default("randaugment", "rand-m9-mstd0.5-inc1", DATA_SCHEMA),
         "random_erasing": _default("random_erasing", 0.25, DATA_SCHEMA),
+        "interpolation": _default("interpolation", "bicubic", DATA_SCHEMA),
     },
     "checkpoint_every": BASE_SCHEMA["checkpoint_every"],
     "keep_checkpoints": BASE_SCHEMA["keep_checkpoints"],
