@@ -168,7 +168,7 @@ def pod_args(args, bucket, workdir, demo, **over):
         log_every=1,
         evaluate=True,
         eval_every=10_000,
-        linear_probe_steps=20,
+        linear_probe_epochs=20,
         export_at_end=True,
         log_example_ids=False,
         fsdp_min_size=1000,
