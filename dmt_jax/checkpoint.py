@@ -107,8 +107,12 @@ class Checkpointer:
         step, self.in_flight = self.in_flight, None
         return self._settle(step, self._attempt(self.manager.wait_until_finished))
 
-    def restore_latest(self, abstract_state):
+    def restore_latest(self, abstract_state, check=None):
         """(state, data) from the newest readable checkpoint, or None if the directory holds none.
+
+        `check(step, data)` is called with a checkpoint's data item (its input position and run record)
+        before its arrays are read, and may refuse it (raise): a resume of another run stops there, in its
+        own words, not in a failed restore of arrays of other shapes.
 
         Only a damaged checkpoint (missing or truncated files, unreadable metadata) is set aside for
         an older one; any other failure (a storage outage, out of memory, a changed model) raises
@@ -116,11 +120,18 @@ class Checkpointer:
         """
         unreadable = []
         for step in reversed(self.steps()):
-            restored, error, status = self._try_restore(step, abstract_state)
+            data, error, status = self._try_restore(step, data=ocp.args.JsonRestore())
             worst = _worst_everywhere(status)
             if worst == _OK:
+                if check is not None:
+                    check(step, data["data"])
+                restored, error, status = self._try_restore(
+                    step, state=ocp.args.StandardRestore(abstract_state)
+                )
+                worst = _worst_everywhere(status)
+            if worst == _OK:
                 self._set_aside(unreadable)
-                return restored["state"], restored["data"]
+                return restored["state"], data["data"]
             if worst == _FAILED:
                 raise RestoreFailed(
                     f"could not restore the checkpoint at step {step} in {self.directory} "
@@ -149,6 +160,17 @@ class Checkpointer:
                 print(f"checkpoint at step {step} NOT saved ({error})", flush=True)
         self.manager.close()
         self._remove_partial()
+        py_logging.getLogger("absl").removeFilter(_DROP_ORBAX_RECORDS)
+
+    def abort(self):
+        """Ends without waiting for a save in flight (a second Ctrl-C): what it wrote so far, the partial
+        `<step>.orbax-checkpoint-tmp*` folders, is removed (process 0; the process then ends at once)."""
+        self.in_flight = None
+        if jax.process_index() == 0:
+            for child in self.directory.iterdir() if self.directory.exists() else ():
+                if TMP_MARKER in child.name:
+                    with contextlib.suppress(OSError):
+                        child.rmtree()
         py_logging.getLogger("absl").removeFilter(_DROP_ORBAX_RECORDS)
 
     def _attempt(self, action) -> str:
@@ -189,12 +211,11 @@ class Checkpointer:
                 with contextlib.suppress(Exception), _quiet_orbax():
                     wait()
 
-    def _try_restore(self, step: int, abstract_state):
-        """(restored or None, the exception or None, _OK / _DAMAGED / _FAILED) on this process."""
-        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore())
+    def _try_restore(self, step: int, **items):
+        """(restored items or None, the exception or None, _OK / _DAMAGED / _FAILED) on this process."""
         try:
             with _quiet_orbax():
-                return self.manager.restore(step, args=args), None, _OK
+                return self.manager.restore(step, args=ocp.args.Composite(**items)), None, _OK
         except Exception as e:  # noqa: BLE001 - sorted below: damage, or anything else (re-raised)
             return None, e, (_DAMAGED if is_damage(e) else _FAILED)
 
@@ -241,6 +262,18 @@ class _DropOrbaxRecords(py_logging.Filter):
 
 
 _DROP_ORBAX_RECORDS = _DropOrbaxRecords()
+
+
+def committed_steps(directory: str) -> list[int]:
+    """The steps of the finished checkpoints in another run's directory, as orbax tells them (a save still
+    being written or finalized, and a step being deleted by its rotation, are not among them)."""
+    options = ocp.CheckpointManagerOptions(read_only=True)
+    with _quiet_orbax():
+        manager = ocp.CheckpointManager(storage.path(directory), options=options)
+        try:
+            return sorted(manager.all_steps())
+        finally:
+            manager.close()
 
 
 def read_state(directory: str, step: int) -> dict:

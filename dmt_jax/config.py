@@ -440,8 +440,6 @@ def data_config() -> mc.ConfigDict:
 
 def consistency_problems(c: mc.ConfigDict) -> list[str]:
     """Problems between fields of a distillation config (each field alone passed its own check)."""
-    from dmt_jax.models.vit import parse_variant
-
     problems = []
     entries = [e for e in c.teachers if e]
     if not entries:
@@ -451,12 +449,22 @@ def consistency_problems(c: mc.ConfigDict) -> list[str]:
             f"--config.teacher_weights has {len(c.teacher_weights)} entries for "
             f"{len(entries)} teachers: give one per teacher, or () for equal weights"
         )
-    if not vit_variant(c.student.variant):
-        patch = parse_variant(c.student.variant)["patch_size"]
+    return problems + shared_consistency_problems(c, "student.variant", needs_eval=c.evaluate)
+
+
+def shared_consistency_problems(c: mc.ConfigDict, variant_field: str, needs_eval: bool) -> list[str]:
+    """The checks between fields both entry points have: image size and patch, min_lr and the peak, the
+    distributed fields, the profile window, the folders a folder dataset needs."""
+    from dmt_jax.models.vit import parse_variant
+
+    problems = []
+    variant = _get(c, variant_field)
+    if not vit_variant(variant):
+        patch = parse_variant(variant)["patch_size"]
         if c.img_size % patch:
             problems.append(
-                f"--config.img_size={c.img_size} is not a multiple of the student's patch size "
-                f"{patch} ({c.student.variant})"
+                f"--config.img_size={c.img_size} is not a multiple of the {variant_field.split('.')[0]}'s "
+                f"patch size {patch} ({variant})"
             )
     if c.batch_size > 0 and c.base_lr > 0 and c.min_lr > c.base_lr * c.batch_size / 256:
         problems.append(f"--config.min_lr={c.min_lr} is above the peak lr base_lr * batch_size / 256")
@@ -472,7 +480,7 @@ def consistency_problems(c: mc.ConfigDict) -> list[str]:
             f"--config.profile_steps={tuple(c.profile_steps)} ends after total_steps={c.total_steps}"
         )
     if c.data.source == "folder":
-        needed = ["folder_train"] + (["folder_eval"] if c.evaluate else [])
+        needed = ["folder_train"] + (["folder_eval"] if needs_eval else [])
         if missing := [f"data.{n}" for n in needed if not c.data[n]]:
             problems.append(
                 f"--config.data.source='folder' needs {' and '.join(missing)}: folders of class folders"
@@ -480,12 +488,34 @@ def consistency_problems(c: mc.ConfigDict) -> list[str]:
     return problems
 
 
-# ---------------------------------------------------------------- fine-tuning (dmt_jax/finetune.py)
+def finetune_consistency_problems(c: mc.ConfigDict) -> list[str]:
+    """Problems between fields of a fine-tuning config (it always evaluates on the validation split)."""
+    return shared_consistency_problems(c, "model.variant", needs_eval=True)
+
+
+# ---------------------------------------------------------------- fine-tuning (dmt_jax/finetune/)
 
 
 def _default(name: str, value, schema: Mapping = BASE_SCHEMA) -> Field:
     """A distillation field with another default: the fields both loops share keep one meaning and check."""
     return dataclasses.replace(schema[name], default=value)
+
+
+def _reworded(name: str, meaning: str) -> Field:
+    """A data field with the fine-tuning's own meaning in --help (same default and check)."""
+    return dataclasses.replace(DATA_SCHEMA[name], help=meaning)
+
+
+# What the data fields mean to a fine-tuning (it trains on the training split and measures top-1/top-5 on
+# the validation split; the k-NN memory-bank fields are not read).
+FINETUNE_DATA_HELP = {
+    "train_split": "tfds split fine-tuned on",
+    "knn_train_split": "not read by fine-tuning (the distillation's k-NN memory bank)",
+    "knn_eval_split": "tfds validation split (top-1/top-5, center crop)",
+    "folder_train": "folder of class subfolders fine-tuned on (source=folder)",
+    "folder_knn_train": "not read by fine-tuning (the distillation's k-NN memory bank)",
+    "folder_eval": "folder of class subfolders of the validation split (source=folder)",
+}
 
 
 # Defaults: MAE's ViT-B/16 fine-tuning recipe (He et al. 2022, Table 9 / main_finetune.py); the
@@ -556,6 +586,7 @@ FINETUNE_SCHEMA = {
     # folder_eval is the validation split (center crop).
     "data": {
         **DATA_SCHEMA,
+        **{name: _reworded(name, meaning) for name, meaning in FINETUNE_DATA_HELP.items()},
         "crop_scale": _default("crop_scale", (0.08, 1.0), DATA_SCHEMA),
         "randaugment": _default("randaugment", "rand-m9-mstd0.5-inc1", DATA_SCHEMA),
         "random_erasing": _default("random_erasing", 0.25, DATA_SCHEMA),

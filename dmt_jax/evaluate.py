@@ -134,23 +134,26 @@ def bank_from_host(x: np.ndarray, y: np.ndarray, mesh, batch: int) -> Bank:
 
 
 def collect_banks(fn, batches, mesh, *args, what: str = "features") -> list[Bank]:
-    """fn(*args, pixels) -> features [B, D] (or a list of them) over every batch of an EvalInput, kept
-    where they were computed: one Bank per output. Every process must call this."""
+    """fn(*args, pixels) -> features [B, D] (or a list of them) over every batch of an evaluation pass
+    (an EvalInput: its len() is its number of batches), kept where they were computed: one Bank per
+    output. Every process must call this."""
     num_batches = len(batches)
     if not num_batches:
         raise ValueError("the evaluation split is empty")
-    banks, write = None, None
-    global_rows = batches.local_batch * jax.process_count() * num_batches
-    with Progress(what, total=global_rows, unit="img") as progress:
+    banks, write, progress = None, _bank_writer(mesh), None
+    try:
         for i, b in enumerate(batches):
             batch = parallel.global_batch({k: b[k] for k in ("image", "label", "valid")}, mesh)
             out = fn(*args, batch["image"])
             features = list(out) if isinstance(out, list | tuple) else [out]
             if banks is None:
                 banks = [_empty_bank(mesh, num_batches, f.shape) for f in features]
-                write = _bank_writer(mesh)
+                progress = Progress(what, total=num_batches * batch["image"].shape[0], unit="img")
             banks = write(banks, jnp.int32(i), features, batch["label"], batch["valid"])
-            progress.update(len(b["image"]) * jax.process_count())
+            progress.update(batch["image"].shape[0])
+    finally:
+        if progress is not None:
+            progress.close()
     if banks[0].count() == 0:  # every image was dropped as unreadable: k-NN of nothing is no result
         raise UserError(_NOTHING_READ)
     return banks
@@ -312,14 +315,24 @@ def _weighted_sum(value, weight):
 
 @functools.cache
 def _stats_program(mesh):
-    """The bank's per-feature mean and standard deviation (valid rows; numpy's std, ddof 0)."""
+    """The bank's per-feature mean and standard deviation (valid rows; numpy's std, ddof 0). Summed one
+    evaluation batch at a time: no temporary the size of the bank."""
+    axes = parallel.BATCH_AXES
 
     def local(bank):
-        x = bank.x.reshape(-1, bank.x.shape[-1])
-        w = (bank.y.reshape(-1) >= 0).astype(jnp.float32)[:, None]
-        count = jax.lax.psum(jnp.sum(w), parallel.BATCH_AXES)
-        mean = jax.lax.psum(jnp.sum(x * w, axis=0), parallel.BATCH_AXES) / count
-        var = jax.lax.psum(jnp.sum(jnp.square(x - mean) * w, axis=0), parallel.BATCH_AXES) / count
+        w = (bank.y >= 0).astype(jnp.float32)  # [batches, rows]
+
+        def weighted_sum(f):
+            def add(total, batch):
+                x, weight = batch
+                return total + weight @ f(x), None
+
+            total, _ = jax.lax.scan(add, jnp.zeros(bank.x.shape[-1]), (bank.x, w))
+            return jax.lax.psum(total, axes)
+
+        count = jax.lax.psum(jnp.sum(w), axes)
+        mean = weighted_sum(lambda x: x) / count
+        var = weighted_sum(lambda x: jnp.square(x - mean)) / count
         return {"mean": mean, "std": jnp.sqrt(var) + 1e-6}
 
     spec = Bank(BANK_SPEC, BANK_SPEC)

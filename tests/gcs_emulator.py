@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 
 from helpers_run import free_port
 
@@ -49,11 +50,56 @@ def _send_generation_headers():
                 handlers[method] = download
 
 
+_PRECONDITION_LOCK = threading.Lock()
+
+
+def _honour_generation_preconditions():
+    """Real GCS writes or deletes an object only if its generation is `ifGenerationMatch` ('0': only if it
+    does not exist) and answers 412 otherwise; the emulator ignores the parameter. The workdir lock's
+    compare-and-swap needs it (dmt_jax/workdir_lock.py)."""
+    from http import HTTPStatus
+
+    from gcp_storage_emulator import server
+    from gcp_storage_emulator.handlers import objects
+
+    def guarded(original):
+        if getattr(original, "honours_preconditions", False):
+            return original
+
+        def handler(request, response, storage, *args, **kwargs):
+            wanted = request.query.get("ifGenerationMatch")
+            if not wanted:
+                return original(request, response, storage, *args, **kwargs)
+            name = request.params.get("object_id") or (request.query.get("name") or [""])[0]
+            with _PRECONDITION_LOCK:  # the check and the write as one step (the server is threaded)
+                try:
+                    current = str(storage.get_file_obj(request.params["bucket_name"], name)["generation"])
+                except Exception:  # noqa: BLE001 - the emulator's NotFound
+                    current = "0"
+                if current != str(wanted[0]):
+                    response.status = HTTPStatus.PRECONDITION_FAILED
+                    return None
+                return original(request, response, storage, *args, **kwargs)
+
+        handler.honours_preconditions = True
+        return handler
+
+    for name in ("insert", "delete"):
+        original = getattr(objects, name)
+        replacement = guarded(original)
+        setattr(objects, name, replacement)
+        for _, handlers in server.HANDLERS:
+            for method, handler in handlers.items():
+                if handler is original:
+                    handlers[method] = replacement
+
+
 @contextlib.contextmanager
 def emulated_bucket(bucket: str = BUCKET):
     from gcp_storage_emulator.server import create_server
 
     _send_generation_headers()
+    _honour_generation_preconditions()
     logging.getLogger("gcp_storage_emulator").setLevel(logging.ERROR)  # one line per request otherwise
     port = free_port()
     server = create_server("localhost", port, in_memory=True, default_bucket=bucket)

@@ -131,6 +131,40 @@ def test_no_program_moves_the_bank():
     assert max(size for _, size in _collectives(gathered.lower(bank).compile().as_text())) >= share
 
 
+def test_each_device_holds_its_share_of_a_large_bank():
+    """Compiled (not run) for a 1000 x 256 x 768 bank (750 MB; 94 MB per device of 8): no program needs
+    much more than its device's share (the bank is an argument, its temporaries small)."""
+    from jax.sharding import NamedSharding
+
+    mesh = parallel.make_mesh(4, 2)
+    banked, replicated = NamedSharding(mesh, evaluate.BANK_SPEC), parallel.replicated(mesh)
+    bank = evaluate.Bank(
+        jax.ShapeDtypeStruct((1000, 256, 768), jnp.float32, sharding=banked),
+        jax.ShapeDtypeStruct((1000, 256), jnp.int32, sharding=banked),
+    )
+    queries = evaluate.Bank(
+        jax.ShapeDtypeStruct((4, 256, 768), jnp.float32, sharding=banked),
+        jax.ShapeDtypeStruct((4, 256), jnp.int32, sharding=banked),
+    )
+    params = {"w": jnp.zeros((768, 1000)), "b": jnp.zeros((1000,))}
+    opt_state = evaluate._probe_optimizer(1e-2, 1e-4, 100).init(params)
+    stats = {k: jax.ShapeDtypeStruct((768,), jnp.float32, sharding=replicated) for k in ("mean", "std")}
+    programs = [
+        evaluate._knn_program(mesh, 20, 0.07, 1000).lower(bank, queries, jnp.int32(0)),
+        evaluate._stats_program(mesh).lower(bank),
+        evaluate._probe_epoch_program(mesh, 1e-2, 1e-4, 100, 32).lower(
+            params, opt_state, bank, stats, jax.random.PRNGKey(0)
+        ),
+    ]
+    share = 1000 * 256 * 768 * 4 / 8
+    for lowered in programs:
+        m = lowered.compile().memory_analysis()
+        peak = (
+            m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+        )
+        assert share <= peak < 1.5 * share, (peak / MB, share / MB)
+
+
 def test_programs_hold_no_large_constant():
     mesh = parallel.make_mesh(4, 2)
     rng = np.random.default_rng(0)
@@ -175,13 +209,9 @@ def test_eval_batch_rounds_up_to_the_device_count(requested, devices, expected):
     assert evaluate.eval_batch_size(requested, devices) == expected
 
 
-class _Batches(list):
-    local_batch = 16
-
-
 def _label_batches(rng, count=3, valid=13):
     """Batches whose images carry their label as every pixel (so a feature can be checked against it)."""
-    out = _Batches()
+    out = []
     for _ in range(count):
         label = rng.integers(0, 200, 16).astype(np.int32)
         image = np.broadcast_to(label[:, None, None, None], (16, 4, 4, 3)).astype(np.uint8)

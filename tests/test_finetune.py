@@ -1,7 +1,7 @@
-"""Fine-tuning (dmt_jax/finetune.py) against independent references: timm's layer-decay parameter
+"""Fine-tuning (dmt_jax/finetune/) against independent references: timm's layer-decay parameter
 groups, timm loading and running the exported classifier; and exact resume
-after SIGKILL (tests/helpers_run.py, as tests/test_resilience.py); the distillation's protections: the
-workdir lock, the resume check, a stop while waiting for input."""
+after SIGKILL (tests/helpers_run.py, as tests/test_resilience.py); the protections both loops share
+(runner.py): the workdir lock, the resume check, a stop while waiting for input."""
 
 import json
 import signal
@@ -169,7 +169,7 @@ def test_finetune_resumes_exactly_after_sigkill(tmp_path):
     assert final[-1]["step"] == 16 and 0 <= final[-1]["top1"] <= final[-1]["top5"] <= 100
 
 
-# ---------------------------------------------------------------- the distillation's protections (loop.py)
+# ---------------------------------------------------------------- the distillation's protections (runner.py)
 
 
 def test_second_finetune_on_a_locked_workdir_is_refused(tmp_path):
@@ -207,15 +207,15 @@ def test_resume_with_another_init_is_refused_naming_it(tmp_path, capsys):
 
 
 def _sigterm_once_the_loop_listens(timeout: float = 300):
-    """SIGTERM to this process once loop.Preemption's handler is installed (before, it would end pytest)."""
+    """SIGTERM to this process once runner.Preemption's handler is installed (before, it would end pytest)."""
     import os
     import time
 
-    from dmt_jax import loop
+    from dmt_jax import runner
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if isinstance(getattr(signal.getsignal(signal.SIGTERM), "__self__", None), loop.Preemption):
+        if isinstance(getattr(signal.getsignal(signal.SIGTERM), "__self__", None), runner.Preemption):
             os.kill(os.getpid(), signal.SIGTERM)
             return
         time.sleep(0.05)

@@ -28,7 +28,7 @@ from helpers_run import (
     trees_equal,
 )
 
-from dmt_jax import checkpoint, loop
+from dmt_jax import checkpoint, loop, runner
 
 STEPS = 20  # long enough that a signal sent at step 6 lands well before the end
 
@@ -204,7 +204,7 @@ def test_nonfinite_skip_and_unreadable_images_go_on(tmp_path, capsys):
 
 def test_sigint_sets_the_flag_and_handlers_are_restored():
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-    preemption = loop.Preemption(agree_every=1)
+    preemption = runner.Preemption(agree_every=1)
     assert not preemption.should_stop(1)
     os.kill(os.getpid(), signal.SIGINT)
     time.sleep(0.01)  # Python runs the handler at the next bytecode boundary
