@@ -1,24 +1,29 @@
-"""`dmt-convert SRC OUT`: an official PyTorch teacher checkpoint -> a converted-teacher directory.
+"""`dmt-convert SRC OUT`: an official teacher checkpoint -> a converted-teacher directory.
 
-Reads .pth / .pth.tar (torch.load with weights_only=True: only tensors, plain containers and
-argparse.Namespace are unpickled, so a malicious file cannot run code) and .safetensors; unwraps the
-format (dmt_jax/formats.py); checks every tensor against the variant its shapes imply; resizes the
-position-embedding grid in PyTorch with the teacher's own interpolation when --img-size asks for
-another grid; and writes spec.json + params.safetensors atomically (dmt_jax/teachers.py).
-Any bad input: one line on stderr, exit code 2, nothing written.
+Reads .pth / .pth.tar / .bin (torch.load with weights_only=True: only tensors, plain containers and
+argparse.Namespace are unpickled, so a malicious file cannot run code), .safetensors, TorchScript
+archives (their tensors only; no TorchScript code is run) and .npz (np.load without pickles); unwraps
+the format (dmt_jax/formats/); checks every tensor against the model its shapes imply; resizes the
+position tables in PyTorch with the teacher's own interpolation when --img-size asks for another
+grid; and writes spec.json + params.safetensors atomically (dmt_jax/teachers.py). Any bad input: one
+line on stderr, exit code 2, nothing written. What it is doing goes to stdout, one line per phase.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from dmt_jax import formats, storage
 from dmt_jax.errors import UserError, os_error_message
+from dmt_jax.formats import files
+from dmt_jax.models.vit import ACTIVATIONS
 from dmt_jax.teachers import TeacherFileError, TeacherSpec, check_writable, save_teacher
 
 EXIT_BAD_INPUT = 2
@@ -34,40 +39,32 @@ def _first_line(error: BaseException) -> str:
 
 
 def read_checkpoint(src: str | os.PathLike) -> Mapping:
-    """The checkpoint's top-level dict, read without running any code from it."""
-    import pickle
-    import zipfile
-
-    import torch
-
-    path = Path(src)
-    if not path.is_file():
-        raise ConversionError(f"{path}: no such file")
-    if path.name.endswith(".safetensors"):
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise ConversionError(f"{path}: not a readable safetensors file ({_first_line(e)})") from e
+    """The checkpoint's top-level dict, read without running any code from it (formats/files.py)."""
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):  # DINO/iBOT/MAE training files hold args
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "Weights only load failed" in str(e):
-            lines = [line for line in str(e).splitlines() if "GLOBAL" in line or "Unsupported" in line]
-            why = lines[0].strip() if lines else _first_line(e)
-            raise ConversionError(
-                f"{path}: refused to unpickle: it holds more than tensors, containers and argparse.Namespace "
-                f"({why}); nothing in it was run"
-            ) from e
-        raise ConversionError(f"{path}: not a PyTorch checkpoint ({_first_line(e)})") from e
-    except (RuntimeError, EOFError, KeyError, ValueError, OSError, zipfile.BadZipFile, AttributeError) as e:
-        raise ConversionError(f"{path}: truncated or not a PyTorch checkpoint ({_first_line(e)})") from e
-    if not isinstance(ckpt, Mapping):
-        raise ConversionError(f"{path}: not a checkpoint: it holds a {type(ckpt).__name__}, not a dict")
-    return ckpt
+        return files.read_checkpoint(src)
+    except formats.FormatError as e:
+        raise ConversionError(_first_line(e)) from e
+
+
+def _to_numpy(array) -> np.ndarray:
+    """A torch tensor (any float dtype, bfloat16 included) or numpy array -> float32 numpy."""
+    if hasattr(array, "detach"):
+        return array.detach().float().cpu().numpy()
+    return np.asarray(array, np.float32)
+
+
+def _is_float(array) -> bool:
+    if hasattr(array, "is_floating_point"):
+        return array.is_floating_point()
+    return np.issubdtype(np.asarray(array).dtype, np.floating)
+
+
+def _all_finite(array) -> bool:
+    if hasattr(array, "detach"):
+        import torch
+
+        return bool(torch.isfinite(array).all())
+    return bool(np.isfinite(array).all())
 
 
 def convert_checkpoint(
@@ -76,62 +73,73 @@ def convert_checkpoint(
     fmt: str = "auto",
     img_size: int | None = None,
     overwrite: bool = False,
+    options: Mapping[str, Any] | None = None,
 ) -> TeacherSpec:
-    """Converts `src` into the teacher directory `out`; ConversionError (one line) on any bad input."""
-    import torch
+    """Converts `src` into the teacher directory `out`; ConversionError (one line) on any bad input.
 
+    options: what the tensor shapes cannot tell, for the formats that take it (`act`, `num_heads`,
+    `mean`, `std`); None values mean the format's default."""
     out = storage.path(out) if storage.is_remote(out) else Path(out)  # gs://... stays a bucket path
+    options = {k: v for k, v in (options or {}).items() if v is not None}
     if fmt != "auto" and fmt not in formats.FORMATS:
-        raise ConversionError(f"unknown format {fmt!r}; known formats: {', '.join(formats.FORMATS)}")
+        raise ConversionError(f"unknown format {fmt!r}; known formats: {', '.join(formats.DETECTION_ORDER)}")
     try:
         if not storage.is_remote(out):  # a bucket is checked by save_teacher
             check_writable(out, overwrite)  # before reading a large file
+        _say(f"reading {src}")
         ckpt = read_checkpoint(src)
-        fmt = formats.detect_format(ckpt) if fmt == "auto" else fmt
-        spec_format = formats.FORMATS[fmt]
-        try:
-            backbone = spec_format.backbone(ckpt)
-        except (RuntimeError, TypeError, KeyError, IndexError) as e:  # e.g. tensors that do not add up
-            raise ConversionError(f"cannot unwrap the checkpoint as {fmt}: {_first_line(e)}") from e
-        if bad := sorted(k for k, v in backbone.items() if not isinstance(v, torch.Tensor)):
-            raise ConversionError(f"{fmt} backbone entries that are not tensors: {formats.name_list(bad)}")
-        arch = formats.infer_architecture(backbone)
-        formats.check_backbone(backbone, arch)
-
-        source_img_size = arch.grid * arch.patch_size
-        img_size = source_img_size if img_size is None else img_size
-        if img_size <= 0 or img_size % arch.patch_size:
+        fmt = formats.detect(ckpt) if fmt == "auto" else fmt
+        source = formats.get(fmt)
+        if refused := sorted(set(options) - set(source.options) - {"mean", "std"}):
+            takes = ", ".join("--" + o.replace("_", "-") for o in source.options) or "neither"
             raise ConversionError(
-                f"--img-size {img_size} is not a positive multiple of the patch size {arch.patch_size}"
+                f"--{refused[0].replace('_', '-')} does not apply to --format {fmt} (it takes: {takes})"
             )
-        new_grid = img_size // arch.patch_size
-        resize = "none"
-        if new_grid != arch.grid:
-            resize = spec_format.resize_method(arch)
-            backbone["pos_embed"] = formats.resize_pos_embed(
-                backbone["pos_embed"], arch.num_pos_prefix, new_grid, resize
-            )
-            arch = dataclasses.replace(arch, grid=new_grid)
+        try:
+            state = source.to_reference(ckpt)
+        except formats.FormatError:
+            raise
+        except (RuntimeError, TypeError, KeyError, IndexError, ValueError) as e:  # tensors that do not add up
+            raise ConversionError(f"cannot unwrap the checkpoint as {fmt}: {_first_line(e)}") from e
+        del ckpt
+        if bad := sorted(k for k, v in state.items() if not hasattr(v, "shape") or not hasattr(v, "dtype")):
+            raise ConversionError(f"{fmt} backbone entries that are not tensors: {formats.name_list(bad)}")
+        config = source.infer(state, {k: v for k, v in options.items() if k in source.options})
 
-        if bad := sorted(f"{k} ({v.dtype})" for k, v in backbone.items() if not v.is_floating_point()):
+        source_img_size = config.img_size
+        img_size = source_img_size if img_size is None else img_size
+        if img_size <= 0 or img_size % config.patch_size:
+            raise ConversionError(
+                f"--img-size {img_size} is not a positive multiple of the patch size {config.patch_size}"
+            )
+        resize = "none"
+        if img_size != source_img_size:
+            if source.resize is None:
+                raise ConversionError(f"a {fmt} teacher cannot be resized: leave out --img-size")
+            _say(f"resizing the position tables {source_img_size} -> {img_size} px")
+            state, config, resize = source.resize(state, config, img_size)
+
+        if bad := sorted(f"{k} ({v.dtype})" for k, v in state.items() if not _is_float(v)):
             raise ConversionError(f"tensors that are not floating point: {formats.name_list(bad)}")
-        if bad := sorted(k for k, v in backbone.items() if not torch.isfinite(v).all()):
+        if bad := sorted(k for k, v in state.items() if not _all_finite(v)):
             raise ConversionError(
                 f"tensors holding NaN or Inf: {formats.name_list(bad)}; the checkpoint is damaged"
             )
-        flat = formats.timm_to_flax({k: v.detach().float().cpu().numpy() for k, v in backbone.items()})
-        spec = TeacherSpec.of_architecture(
-            arch,
-            layerscale=arch.layerscale,
+        flat = source.to_flax({k: _to_numpy(v) for k, v in state.items()}, config)
+        inputs = dict(mean=source.mean, std=source.std, input_resize=source.input_resize)
+        inputs.update(source.inputs_for(config) if source.inputs_for else {})
+        spec = TeacherSpec(
             format=fmt,
-            variant=arch.variant,
-            img_size=img_size,
-            mean=spec_format.mean,
-            std=spec_format.std,
+            family=source.family,
+            config=config,
+            mean=options.get("mean", inputs["mean"]),
+            std=options.get("std", inputs["std"]),
+            input_resize=inputs["input_resize"],
             source=str(Path(src).resolve()),
             source_img_size=source_img_size,
             pos_embed_resize=resize,
         )
+        _say(f"writing {out} ({sum(v.size for v in flat.values()) / 1e6:.1f}M parameters)")
         save_teacher(out, spec, flat, overwrite=overwrite)
         return spec
     except (formats.FormatError, TeacherFileError) as e:
@@ -140,19 +148,45 @@ def convert_checkpoint(
         raise ConversionError(f"cannot write {out}: {os_error_message(e)}") from e
 
 
+def _say(line: str) -> None:
+    """One line per phase of a conversion (a large file takes a while to read and write)."""
+    print(f"dmt-convert: {line}", flush=True)  # stdout: stderr carries only the one error line
+
+
+def _formats_help() -> str:
+    rows = [f"  {name:<9} {formats.FORMATS[name].summary} [{formats.FORMATS[name].repo}]"
+            for name in formats.DETECTION_ORDER]  # fmt: skip
+    return "formats (--format auto asks them in this order):\n" + "\n".join(rows)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="dmt-convert",
-        description="Convert an official self-supervised ViT checkpoint into a dmt_jax teacher directory.",
+        description="Convert an official teacher checkpoint into a dmt_jax teacher directory.",
+        epilog=_formats_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("src", help="checkpoint file: .pth, .pth.tar or .safetensors")
+    parser.add_argument("src", help="checkpoint file: .pth, .pth.tar, .pt, .bin, .safetensors or .npz")
     parser.add_argument("out", help="output directory (spec.json + params.safetensors); must not exist")
     parser.add_argument(
-        "--format", default="auto", choices=["auto", *formats.FORMATS], help="default: detect"
+        "--format", default="auto", choices=["auto", *formats.DETECTION_ORDER], help="default: detect"
     )
     parser.add_argument("--img-size", type=int, default=None,
                         help="input resolution; another patch grid resizes the position embeddings "
                              "with the teacher's own interpolation (default: the checkpoint's)")  # fmt: skip
+    parser.add_argument("--act", choices=list(ACTIVATIONS), default=None,
+                        help="the MLP activation, which the tensors cannot tell (openclip: gelu unless "
+                             "the model's name says quickgelu)")  # fmt: skip
+    parser.add_argument(
+        "--num-heads",
+        type=int,
+        default=None,
+        help="attention heads, where not the width's standard (OpenCLIP bigG: 16, g: 16)",
+    )
+    parser.add_argument("--mean", type=float, nargs=3, default=None, metavar=("R", "G", "B"),
+                        help="input mean on [0, 1] pixels (default: the format's)")  # fmt: skip
+    parser.add_argument("--std", type=float, nargs=3, default=None, metavar=("R", "G", "B"),
+                        help="input std on [0, 1] pixels (default: the format's)")  # fmt: skip
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it is a converted teacher")
     return parser.parse_args(argv)
 
@@ -160,14 +194,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        spec = convert_checkpoint(args.src, args.out, args.format, args.img_size, args.overwrite)
+        options = dict(act=args.act, num_heads=args.num_heads, mean=args.mean, std=args.std)
+        spec = convert_checkpoint(args.src, args.out, args.format, args.img_size, args.overwrite, options)
     except UserError as e:  # as in dmt_jax.main: a mistake the user can fix is one line, exit 2
         print(f"dmt-convert: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     print(
         f"dmt-convert: wrote {args.out}: {spec.format} {spec.variant} at {spec.img_size} px "
-        f"({spec.grid}x{spec.grid} grid, {spec.num_reg_tokens} registers, "
-        f"pos_embed resize: {spec.pos_embed_resize})"
+        f"({spec.grid}x{spec.grid} grid, {spec.num_prefix_tokens} prefix tokens, "
+        f"summary {spec.summary_dim or 'none'}, pos_embed resize: {spec.pos_embed_resize})"
     )
     return 0
 

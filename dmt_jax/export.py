@@ -1,6 +1,6 @@
 """Student -> timm: a Flax ViT's params as a timm VisionTransformer state dict, saved as safetensors.
 
-The name table in dmt_jax/formats.py is read Flax -> timm (Linear kernels transposed back, conv
+The name table in dmt_jax/formats/names_vit.py is read Flax -> timm (Linear kernels transposed back, conv
 HWIO -> OIHW, LayerNorm scale -> weight). The file loads with
 
     model = timm.create_model("vit_base_patch16_224", pretrained=False, **kwargs)  # any vit_* name

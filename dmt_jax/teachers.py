@@ -25,32 +25,23 @@ import numpy as np
 
 from dmt_jax import storage
 from dmt_jax.errors import UserError
-from dmt_jax.models.vit import VARIANTS, ViT
+from dmt_jax.models import FAMILIES, Features, ViT, ViTConfig, build_model, family_config
+from dmt_jax.models.family import IMAGENET_MEAN, IMAGENET_STD
+from dmt_jax.models.vit import num_heads_for_width, variant_name  # noqa: F401  (their home before models/)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 SPEC_FILE = "spec.json"
 PARAMS_FILE = "params.safetensors"
-SPEC_KIND = "dmt_jax.teacher/1"  # marks a directory as a converted teacher
+SPEC_KIND = "dmt_jax.teacher/2"  # marks a directory as a converted teacher
+SPEC_KIND_V1 = "dmt_jax.teacher/1"  # a ViT spec with flat fields; upgraded on load
+# How a teacher's input is brought from the shared view to its img_size (`prepare_images`): today's
+# antialiased bilinear, CLIP's bicubic, big_vision's squash (bilinear, no antialias: SigLIP), SAM's
+# longest side to img_size then zero padding after normalization.
+INPUT_RESIZE = ("bilinear", "bicubic", "squash", "longest_pad")
+_DERIVED = ("variant", "img_size", "grid", "num_prefix_tokens", "num_tokens", "summary_dim", "params_file")
 
 
 class TeacherFileError(UserError, ValueError):
     """A directory that is not a (valid) converted teacher, or one that may not be written; one line."""
-
-
-def num_heads_for_width(width: int) -> int:
-    """Heads of the standard ViT of this width (ViT-H: 16 heads of 80); otherwise 64 channels per head."""
-    for w, _, heads, _ in VARIANTS.values():
-        if w == width:
-            return heads
-    heads = max(1, width // 64)
-    while width % heads:  # heads must divide the width; the tensors do not say how many there were
-        heads -= 1
-    return heads
-
-
-_POSITIVE_INTS = ("width", "depth", "num_heads", "mlp_dim", "patch_size", "img_size")
-_STRINGS = ("format", "variant", "source", "pos_embed_resize")
 
 
 def _is_int(v) -> bool:
@@ -58,21 +49,24 @@ def _is_int(v) -> bool:
 
 
 def spec_problems(spec) -> list[str]:
-    """'name: what is wrong' for every field of a TeacherSpec of the wrong type or out of range.
+    """'name: what is wrong' for every field of a TeacherSpec of the wrong type or out of range (the
+    family config checks its own fields when it is built).
 
     Only what the fields say about each other; what the tensors hold is checked in load_teacher.
     """
-    values = {n: getattr(spec, n) for n in _POSITIVE_INTS}
-    bad = {n: v for n, v in values.items() if not _is_int(v) or v < 1}
-    problems = [f"{n} must be a positive integer, got {v!r}" for n, v in bad.items()]
-    if not _is_int(spec.num_reg_tokens) or spec.num_reg_tokens < 0:
-        problems.append(f"num_reg_tokens must be an integer >= 0, got {spec.num_reg_tokens!r}")
+    problems = []
+    if spec.family not in FAMILIES:
+        problems.append(f"family must be one of {', '.join(FAMILIES)}, got {spec.family!r}")
+    elif not isinstance(spec.config, FAMILIES[spec.family][0]):
+        problems.append(
+            f"config must be a {FAMILIES[spec.family][0].__name__}, got {type(spec.config).__name__}"
+        )
     if spec.source_img_size is not None and (not _is_int(spec.source_img_size) or spec.source_img_size <= 0):
         problems.append(f"source_img_size must be a positive integer or null, got {spec.source_img_size!r}")
-    flags = {n: getattr(spec, n) for n in ("no_embed_class", "layerscale")}
-    problems += [f"{n} must be true or false, got {v!r}" for n, v in flags.items() if not isinstance(v, bool)]
-    strings = {n: getattr(spec, n) for n in _STRINGS}
+    strings = {n: getattr(spec, n) for n in ("format", "source", "pos_embed_resize", "input_resize")}
     problems += [f"{n} must be a string, got {v!r}" for n, v in strings.items() if not isinstance(v, str)]
+    if isinstance(spec.input_resize, str) and spec.input_resize not in INPUT_RESIZE:
+        problems.append(f"input_resize must be one of {', '.join(INPUT_RESIZE)}, got {spec.input_resize!r}")
     for name in ("mean", "std"):
         value = getattr(spec, name)
         numbers = isinstance(value, (list, tuple)) and len(value) == 3
@@ -81,38 +75,22 @@ def spec_problems(spec) -> list[str]:
             problems.append(f"{name} must be 3 finite numbers (R, G, B), got {value!r}")
         elif name == "std" and min(value) <= 0:
             problems.append(f"std must be > 0 for every channel (it divides the pixels), got {list(value)}")
-    if not problems and spec.width % spec.num_heads:
-        problems.append(f"num_heads {spec.num_heads} does not divide width {spec.width}")
-    if not problems and spec.img_size % spec.patch_size:
-        problems.append(f"img_size {spec.img_size} is not a multiple of patch_size {spec.patch_size}")
     return problems
-
-
-def variant_name(width: int, depth: int, mlp_dim: int, patch_size: int) -> str:
-    """'B/16' for a standard shape; otherwise a name that says the shape, e.g. 'w768-d2-m3072/16'."""
-    for name, (w, d, _, m) in VARIANTS.items():
-        if (w, d, m) == (width, depth, mlp_dim):
-            return f"{name}/{patch_size}"
-    return f"w{width}-d{depth}-m{mlp_dim}/{patch_size}"
 
 
 @dataclasses.dataclass(frozen=True)
 class TeacherSpec:
-    """Everything needed to rebuild a teacher's ViT and feed it: architecture, input size, normalization."""
+    """Everything needed to rebuild a teacher and feed it: its family and that family's config (the
+    single description of the architecture, img_size included), its input normalization and resize
+    rule, and where it came from. The config's fields and properties read through the spec
+    (spec.width, spec.depth, spec.grid, spec.num_tokens, spec.variant, ...)."""
 
-    format: str  # mae, mocov3, dino, ibot, dinov2 (or a demo label)
-    variant: str  # e.g. "B/16"; descriptive, the fields below are authoritative
-    width: int
-    depth: int
-    num_heads: int
-    mlp_dim: int
-    patch_size: int
-    img_size: int
-    num_reg_tokens: int = 0
-    no_embed_class: bool = False
-    layerscale: bool = False
+    format: str  # mae, mocov3, dino, ibot, dinov2, clip, openclip, siglip, ... (or a demo label)
+    family: str  # a key of models.FAMILIES
+    config: Any  # the family's config (ViTConfig, ...)
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    input_resize: str = "bilinear"  # one of INPUT_RESIZE
     source: str = ""
     source_img_size: int | None = None
     pos_embed_resize: str = "none"
@@ -124,66 +102,108 @@ class TeacherSpec:
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
 
-    @property
-    def grid(self) -> int:
-        return self.img_size // self.patch_size
-
-    @property
-    def num_prefix_tokens(self) -> int:
-        return 1 + self.num_reg_tokens
-
-    @property
-    def num_tokens(self) -> int:
-        return self.num_prefix_tokens + self.grid**2
+    def __getattr__(self, name: str):
+        # Only reached for names that are not fields: the family config's fields and properties.
+        if name.startswith("__") or name == "config":
+            raise AttributeError(name)
+        try:
+            return getattr(self.config, name)
+        except AttributeError:
+            raise AttributeError(f"a {self.family} teacher's spec has no {name!r}") from None
 
     @property
     def architecture(self) -> tuple:
-        """Teachers with equal architecture share one compiled ViT (and one vmap in a TeacherStack)."""
-        return (self.width, self.depth, self.num_heads, self.mlp_dim, self.patch_size, self.img_size,
-                self.num_reg_tokens, self.no_embed_class, self.layerscale)  # fmt: skip
+        """Teachers with equal architecture share one compiled model (and one vmap in a TeacherStack)."""
+        return (self.family, self.config)
 
     def model(self, dtype: Any = jnp.float32, attention: str = "auto") -> ViT:
-        return ViT(
-            width=self.width,
-            depth=self.depth,
-            num_heads=self.num_heads,
-            mlp_dim=self.mlp_dim,
-            patch_size=self.patch_size,
-            img_size=self.img_size,
-            num_reg_tokens=self.num_reg_tokens,
-            no_embed_class=self.no_embed_class,
-            layerscale_init=1.0 if self.layerscale else None,  # the value is overwritten by the checkpoint
-            dtype=dtype,
-            attention=attention,
-        )
+        """The ViT returning its token array (the DMT path, the demo's classifier); ViT family only."""
+        if self.family != "vit":
+            raise UserError(
+                f"spec.model() is the ViT's token path; a {self.family} teacher has features_model()"
+            )
+        return self.config.module(dtype=dtype, attention=attention, output="tokens")
 
-    @classmethod
-    def of_architecture(cls, arch, *, layerscale: bool, **fields) -> TeacherSpec:
-        """The spec with the shape of `arch` (a ViT, or a formats.Architecture read off a checkpoint)."""
-        names = ("width", "depth", "num_heads", "mlp_dim", "patch_size", "num_reg_tokens", "no_embed_class")
-        return cls(**{n: getattr(arch, n) for n in names}, layerscale=layerscale, **fields)
+    def features_model(self, dtype: Any = jnp.float32, attention: str = "auto"):
+        """The family's module returning Features (prefix, patches, summary)."""
+        return build_model(self.family, self.config, dtype, attention)
+
+    def to_dict(self) -> dict:
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {**fields, "config": self.config.to_dict(), "mean": list(self.mean), "std": list(self.std)}
 
     def to_json(self) -> str:
-        derived = dict(grid=self.grid, num_prefix_tokens=self.num_prefix_tokens, num_tokens=self.num_tokens)
-        fields = dataclasses.asdict(self)
-        return json.dumps({"kind": SPEC_KIND, **fields, **derived, "params_file": PARAMS_FILE}, indent=2)
+        derived = dict(
+            variant=self.variant,
+            img_size=self.img_size,
+            grid=self.grid,
+            num_prefix_tokens=self.num_prefix_tokens,
+            num_tokens=self.num_tokens,
+            summary_dim=self.summary_dim,
+            params_file=PARAMS_FILE,
+        )
+        return json.dumps({"kind": SPEC_KIND, **self.to_dict(), **derived}, indent=2)
 
     @classmethod
     def from_json(cls, text: str) -> TeacherSpec:
         data = json.loads(text)
+        if isinstance(data, dict) and data.get("kind") == SPEC_KIND_V1:
+            data = _upgrade_v1(data)
         if not isinstance(data, dict) or data.get("kind") != SPEC_KIND:
             raise TeacherFileError(f"not a converted-teacher spec (expected kind {SPEC_KIND!r})")
         fields = {f.name for f in dataclasses.fields(cls)}
         required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING}
         if missing := sorted(required - set(data)):
             raise TeacherFileError(f"spec lacks the fields {missing}")
-        spec = cls(**{k: v for k, v in data.items() if k in fields})
-        unknown = sorted(
-            set(data) - fields - {"kind", "grid", "num_prefix_tokens", "num_tokens", "params_file"}
-        )
-        if unknown:
+        if unknown := sorted(set(data) - fields - {"kind", *_DERIVED}):
             raise TeacherFileError(f"spec has unknown fields {unknown}")
-        return spec
+        try:
+            config = family_config(data["family"], data["config"]) if data["family"] in FAMILIES else None
+        except ValueError as e:
+            raise TeacherFileError(f"spec config: {e}") from e
+        values = {k: v for k, v in data.items() if k in fields}
+        return cls(**{**values, "config": config if config is not None else data["config"]})
+
+    def fingerprint_fields(self) -> dict:
+        """The fields a teacher's fingerprint hashes: for a ViT that /1 could describe, exactly /1's
+        (so checkpoints written before /2 still resume), else /2's; never where it came from."""
+        legacy = _as_v1(self)
+        if legacy is not None:
+            return {k: v for k, v in legacy.items() if k not in ("kind", "source", "variant")}
+        return {k: v for k, v in self.to_dict().items() if k != "source"}
+
+
+# /1: the ViT's shape as flat fields, in this order (dataclasses.asdict of the /1 TeacherSpec).
+_V1_CONFIG = ("width", "depth", "num_heads", "mlp_dim", "patch_size", "img_size", "num_reg_tokens",
+              "no_embed_class", "layerscale")  # fmt: skip
+_V1_OTHER = ("format", "variant", "mean", "std", "source", "source_img_size", "pos_embed_resize")
+
+
+def _upgrade_v1(data: dict) -> dict:
+    """A /1 spec.json (today's five formats and random/demo teachers) as /2: a ViT with /1's fields."""
+    required = ("format", "variant", "width", "depth", "num_heads", "mlp_dim", "patch_size", "img_size")
+    if missing := sorted(set(required) - set(data)):
+        raise TeacherFileError(f"spec lacks the fields {missing}")
+    derived = {"kind", "grid", "num_prefix_tokens", "num_tokens", "params_file"}
+    if unknown := sorted(set(data) - set(_V1_CONFIG) - set(_V1_OTHER) - derived):
+        raise TeacherFileError(f"spec has unknown fields {unknown}")
+    upgraded = {k: data[k] for k in _V1_OTHER if k in data and k != "variant"}
+    config = {k: data[k] for k in _V1_CONFIG if k in data}
+    return {"kind": SPEC_KIND, **upgraded, "family": "vit", "config": config, "input_resize": "bilinear"}
+
+
+def _as_v1(spec: TeacherSpec) -> dict | None:
+    """The /1 fields of a spec /1 could describe (a ViT with no /2 option set), else None."""
+    if spec.family != "vit" or spec.input_resize != "bilinear":
+        return None
+    defaults = ViTConfig(width=64, depth=1, num_heads=1, mlp_dim=1)
+    extra = [n for n in spec.config.to_dict() if n not in _V1_CONFIG]
+    if any(getattr(spec.config, n) != getattr(defaults, n) for n in extra):
+        return None
+    c = spec.config
+    return dict(format=spec.format, variant=c.variant, **{n: getattr(c, n) for n in _V1_CONFIG},
+                mean=list(spec.mean), std=list(spec.std), source=spec.source,
+                source_img_size=spec.source_img_size, pos_embed_resize=spec.pos_embed_resize)  # fmt: skip
 
 
 # ---------------------------------------------------------------- parameters: flat <-> nested
@@ -212,14 +232,14 @@ def unflatten_params(flat: Mapping[str, Any]) -> dict:
 
 
 def expected_param_shapes(spec: TeacherSpec) -> dict[str, tuple[int, ...]]:
-    model = spec.model()
+    model = spec.features_model()
     images = jax.ShapeDtypeStruct((1, spec.img_size, spec.img_size, 3), jnp.float32)
     shapes = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x), images)["params"]
     return {k: tuple(v.shape) for k, v in flatten_params(shapes).items()}
 
 
 def param_mismatches(spec: TeacherSpec, flat: Mapping[str, Any]) -> list[str]:
-    """Human-readable differences between `flat` and the parameters `spec.model()` needs (empty: fits)."""
+    """Human-readable differences between `flat` and the parameters the spec's model needs (empty: fits)."""
     expected = expected_param_shapes(spec)
     problems = []
     if missing := sorted(set(expected) - set(flat)):
@@ -388,10 +408,7 @@ def fingerprint(teacher: Teacher) -> str:
     import hashlib
 
     digest = hashlib.sha256()
-    fields = dataclasses.asdict(teacher.spec)
-    for where in ("source", "variant"):
-        fields.pop(where)
-    digest.update(json.dumps(fields, sort_keys=True).encode())
+    digest.update(json.dumps(teacher.spec.fingerprint_fields(), sort_keys=True).encode())
     for name, value in sorted(flatten_params(teacher.params).items()):
         array = np.ascontiguousarray(np.asarray(value, np.float32))
         digest.update(f"{name}{array.shape}".encode())
@@ -409,9 +426,12 @@ def spec_vs_tensors(spec: TeacherSpec, flat: Mapping[str, Any]) -> list[str]:
     problems = [f"tensor {k} has dtype {np.asarray(v).dtype}, expected float32"
                 for k, v in sorted(flat.items()) if np.asarray(v).dtype != np.float32]  # fmt: skip
     blocks = {m.group(1) for k in flat if (m := re.match(r"blocks_(\d+)/", k))}
-    if spec.depth != len(blocks):
-        problems.append(f"spec field depth is {spec.depth} but the file holds {len(blocks)} blocks")
-    pos_rows = (0 if spec.no_embed_class else spec.num_prefix_tokens) + spec.grid**2
+    depth = getattr(spec.config, "depth", len(blocks))
+    if depth != len(blocks):
+        problems.append(f"spec field depth is {depth} but the file holds {len(blocks)} blocks")
+    if spec.family != "vit":  # the other families' shapes are checked by param_mismatches
+        return problems
+    pos_rows = spec.num_pos_prefix + spec.grid**2
     pos = np.shape(flat["pos_embed"]) if "pos_embed" in flat else "missing"
     if pos != (1, pos_rows, spec.width):
         problems.append(
@@ -428,31 +448,46 @@ def spec_vs_tensors(spec: TeacherSpec, flat: Mapping[str, Any]) -> list[str]:
 _COMPILED: dict[tuple, Any] = {}  # compiled once per architecture (+ dtype, attention), not per teacher
 
 
-def _jitted_features(spec: TeacherSpec, dtype: Any, attention: str):
+def _jitted_forward(spec: TeacherSpec, dtype: Any, attention: str):
     key = (spec.architecture, dtype, attention)
     if key not in _COMPILED:
-        model = spec.model(dtype=dtype, attention=attention)
+        model = spec.features_model(dtype=dtype, attention=attention)
         _COMPILED[key] = jax.jit(lambda params, images: model.apply({"params": params}, images))
     return _COMPILED[key]
 
 
 @dataclasses.dataclass(frozen=True)
 class Teacher:
-    """A converted teacher: `params` is its ViT's 'params' tree (host or device arrays)."""
+    """A converted teacher: `params` is its model's 'params' tree (host or device arrays).
+
+    `features(x)` and `summary(x)` take float [B, img_size, img_size, 3] images normalized with this
+    teacher's own spec.mean and spec.std, i.e. (pixels / 255 - mean) / std; `normalize(pixels)` does
+    that. NCHW or 0..255 input is refused, [0, 1] input (normalization forgotten) gets a warning.
+    """
 
     spec: TeacherSpec
     params: Mapping
 
-    def features(self, images, *, dtype: Any = jnp.float32, attention: str = "auto") -> jax.Array:
-        """Normalized NHWC float images at spec.img_size -> final-norm tokens [B, 1 + R + grid^2, width]
-        in checkpoint order (CLS, registers, patches): timm's forward_features on the same weights.
-
-        `images`: float [B, img_size, img_size, 3], normalized with this teacher's own spec.mean and
-        spec.std, i.e. (pixels / 255 - mean) / std; `normalize(pixels)` does that. NCHW or 0..255
-        input is refused, [0, 1] input (normalization forgotten) gets a warning.
-        """
+    def forward(self, images, *, dtype: Any = jnp.float32, attention: str = "auto") -> Features:
+        """Normalized NHWC images -> the family's Features(prefix, patches, summary)."""
         _check_images(images, self.spec.img_size)
-        return _jitted_features(self.spec, jnp.dtype(dtype), attention)(self.params, images)
+        return _jitted_forward(self.spec, jnp.dtype(dtype), attention)(self.params, images)
+
+    def features(self, images, *, dtype: Any = jnp.float32, attention: str = "auto") -> jax.Array:
+        """The family's final tokens [B, T, D] as its reference library computes them, in checkpoint
+        order (prefix tokens such as CLS and registers, then patches): for today's ViTs timm's
+        forward_features, for CLIP ln_post on every token, for SigLIP the encoder_norm tokens."""
+        return self.forward(images, dtype=dtype, attention=attention).tokens()
+
+    def summary(self, images, *, dtype: Any = jnp.float32, attention: str = "auto") -> jax.Array:
+        """The family's image-level vector [B, S]: the final-norm CLS token (today's ViTs), CLIP's
+        projected embedding (open_clip's encode_image, unnormalized), SigLIP's MAP head output."""
+        if not self.spec.summary_dim:
+            raise UserError(
+                f"a {self.spec.format} teacher ({self.spec.family}) has no image-level summary: "
+                "use features()"
+            )
+        return self.forward(images, dtype=dtype, attention=attention).summary
 
     def normalize(self, pixels) -> jax.Array:
         """uint8 (or float 0..255) NHWC pixels -> the normalized float32 images `features` takes."""
@@ -494,17 +529,10 @@ def _check_images(images, img_size: int) -> None:
 
 
 def make_random_teacher(variant: str, img_size: int, seed: int, fmt: str = "mae", **vit_kwargs) -> Teacher:
-    """A teacher with random weights from a fixed seed (demos, tests); `vit_kwargs` go to the ViT
-    (num_reg_tokens, no_embed_class, layerscale_init, ...). Its mean/std are ImageNet's."""
-    model = ViT.from_variant(variant, img_size=img_size, **vit_kwargs)
-    spec = TeacherSpec.of_architecture(
-        model,
-        layerscale=model.layerscale_init is not None,
-        format=fmt,
-        variant=variant,
-        img_size=img_size,
-        source=f"random(seed={seed})",
-    )
+    """A ViT teacher with random weights from a fixed seed (demos, tests); `vit_kwargs` go to the ViT
+    (num_reg_tokens, no_embed_class, layerscale_init, class_token, pool, ...). Its mean/std are ImageNet's."""
+    model = ViT.from_variant(variant, img_size=img_size, output="features", **vit_kwargs)
+    spec = TeacherSpec(format=fmt, family="vit", config=model.config, source=f"random(seed={seed})")
     key = ("init", spec.architecture, tuple(sorted(vit_kwargs.items())))
     if key not in _COMPILED:  # compile the initializer once per architecture, not once per seed
         images = jnp.zeros((1, img_size, img_size, 3), jnp.float32)
@@ -512,13 +540,33 @@ def make_random_teacher(variant: str, img_size: int, seed: int, fmt: str = "mae"
     return Teacher(spec, _COMPILED[key](jax.random.PRNGKey(seed)))
 
 
+def prepare_images(pixels, img_size: int, rule: str, mean, std, dtype: Any = jnp.float32) -> jax.Array:
+    """0..255 NHWC pixels (the shared view) -> a teacher's normalized input at img_size by its resize rule
+    (INPUT_RESIZE). mean, std: [..., 3] on the 0..255 scale (a leading teacher axis broadcasts)."""
+    x = jnp.asarray(pixels).astype(jnp.float32)
+    b, h, w, _ = x.shape
+    if rule == "longest_pad":  # SAM: longest side to img_size, normalize, zero-pad bottom and right
+        scale = img_size / max(h, w)
+        size = (int(h * scale + 0.5), int(w * scale + 0.5))
+        if size != (h, w):
+            x = jax.image.resize(x, (b, *size, 3), "bilinear", antialias=True)
+        x = (x - mean) / std
+        pad = [(0, 0)] * (x.ndim - 3) + [(0, img_size - size[0]), (0, img_size - size[1]), (0, 0)]
+        return jnp.pad(x, pad).astype(dtype)
+    if (h, w) != (img_size, img_size):
+        method, antialias = {"bilinear": ("bilinear", True), "bicubic": ("bicubic", True),
+                             "squash": ("bilinear", False)}[rule]  # fmt: skip
+        x = jax.image.resize(x, (b, img_size, img_size, 3), method, antialias=antialias)
+    return ((x - mean) / std).astype(dtype)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Group:
-    """Teachers of one architecture: one ViT run under one vmap over their stacked params."""
+    """Teachers of one architecture (family and config) and input rule: one model under one vmap over
+    their stacked params."""
 
     members: tuple[int, ...]  # indices into the stack's teacher list
-    model: ViT
-    img_size: int
+    spec: TeacherSpec  # the first member's (family, config, input_resize are the group's)
     pixel_mean: np.ndarray  # [G, 3], on the 0..255 scale
     pixel_std: np.ndarray  # [G, 3]
 
@@ -528,8 +576,10 @@ class TeacherStack:
 
     Teachers of identical architecture are grouped; each group's params are stacked on a leading axis
     (cast once to `dtype`) and the group runs under one `jax.vmap`, so each layer is one batched
-    matmul. `stack.params` is that stacked tree on the host (numpy): place it on the devices, pass it
-    into the jitted step and call `stack.apply(params, pixels)` inside it.
+    matmul; different families and sizes run one after another. `stack.params` is that stacked tree on
+    the host (numpy): place it on the devices, pass it into the jitted step and call
+    `stack.apply(params, pixels, keep)` (the DMT objective's tokens) or `stack.features(params, pixels)`
+    (each teacher's Features at its own resolution and normalization) inside it.
     """
 
     def __init__(self, teachers: Sequence[Teacher], dtype: Any = jnp.bfloat16, attention: str = "auto"):
@@ -537,18 +587,17 @@ class TeacherStack:
             raise ValueError("a TeacherStack needs at least one teacher")
         self.specs = tuple(t.spec for t in teachers)
         self.dtype = jnp.dtype(dtype)
+        self.attention = attention
         by_arch: dict[tuple, list[int]] = {}
         for i, spec in enumerate(self.specs):
-            by_arch.setdefault(spec.architecture, []).append(i)
+            by_arch.setdefault((*spec.architecture, spec.input_resize), []).append(i)
         self._groups = []
         params = []
         for members in by_arch.values():
-            first = self.specs[members[0]]
             self._groups.append(
                 _Group(
                     members=tuple(members),
-                    model=first.model(dtype=self.dtype, attention=attention),
-                    img_size=first.img_size,
+                    spec=self.specs[members[0]],
                     pixel_mean=np.array([self.specs[i].mean for i in members], np.float32) * 255.0,
                     pixel_std=np.array([self.specs[i].std for i in members], np.float32) * 255.0,
                 )
@@ -565,7 +614,7 @@ class TeacherStack:
 
     @property
     def num_reg_tokens(self) -> list[int]:
-        return [s.num_reg_tokens for s in self.specs]
+        return [getattr(s.config, "num_reg_tokens", 0) for s in self.specs]
 
     @property
     def grids(self) -> list[int]:
@@ -575,30 +624,68 @@ class TeacherStack:
     def num_tokens(self) -> list[int]:
         return [s.num_tokens for s in self.specs]
 
+    @property
+    def summary_dims(self) -> list[int]:
+        """Per teacher the width of its summary (0: none, as SAM)."""
+        return [s.summary_dim for s in self.specs]
+
     def apply(self, params, pixels, keep=None) -> list[jax.Array]:
         """pixels: uint8 or float [B, H, W, 3] in 0..255 -> per teacher (in the order given) its
-        final-norm tokens [B, T_k, D_k], in `dtype`, under stop_gradient.
+        final-norm tokens [B, T_k, D_k], in `dtype`, under stop_gradient. Every teacher gets the view
+        resized bilinearly (antialiased) to its img_size.
 
         keep: optional int [B, n] patch indices (the student's visible patches). Each teacher then
-        returns only CLS and those patches, [B, 1 + n, D_k] (registers dropped), and its last block
-        runs its queries, MLP and final norm only there: the same values, fewer FLOPs."""
+        returns only CLS and those patches, [B, 1 + n, D_k] (registers dropped; a teacher without a
+        CLS token, as SigLIP, returns the patches alone), and a ViT's last block runs its queries, MLP
+        and final norm only there: the same values, fewer FLOPs."""
         pixels = jnp.asarray(pixels).astype(jnp.float32)
         outputs: list[jax.Array | None] = [None] * len(self.specs)
         for group, group_params in zip(self._groups, params, strict=True):
             x = pixels
-            if x.shape[1:3] != (group.img_size, group.img_size):
+            img_size = group.spec.img_size
+            if x.shape[1:3] != (img_size, img_size):
                 # e.g. a /14 teacher fed 196 px to give a /16 student's 14x14 grid at 224 px.
-                x = jax.image.resize(
-                    x, (x.shape[0], group.img_size, group.img_size, 3), "bilinear", antialias=True
-                )
+                x = jax.image.resize(x, (x.shape[0], img_size, img_size, 3), "bilinear", antialias=True)
+            if group.spec.family == "vit":
+                model = group.spec.model(dtype=self.dtype, attention=self.attention)
+                run = lambda p, images, model=model: model.apply({"params": p}, images, output_patches=keep)
+            else:
+                model = group.spec.features_model(dtype=self.dtype, attention=self.attention)
+                run = lambda p, images, model=model: _select(model.apply({"params": p}, images), keep)
 
-            def run(p, mean, std, images, model=group.model):
-                images = ((images - mean) / std).astype(self.dtype)
-                return model.apply({"params": p}, images, output_patches=keep)
+            def normalized_run(p, mean, std, images, run=run):
+                return run(p, ((images - mean) / std).astype(self.dtype))
 
-            tokens = jax.vmap(run, in_axes=(0, 0, 0, None))(
+            tokens = jax.vmap(normalized_run, in_axes=(0, 0, 0, None))(
                 group_params, group.pixel_mean, group.pixel_std, x
             )
             for j, i in enumerate(group.members):
                 outputs[i] = jax.lax.stop_gradient(tokens[j])
         return outputs
+
+    def features(self, params, pixels) -> list[Features]:
+        """pixels: uint8 or float [B, H, W, 3] in 0..255 (one view for all) -> per teacher (in the order
+        given) its Features (prefix, patches, summary) at its own img_size, resize rule, mean and std,
+        in `dtype`, under stop_gradient. The summary is None for a family without one."""
+        outputs: list[Features | None] = [None] * len(self.specs)
+        for group, group_params in zip(self._groups, params, strict=True):
+            spec = group.spec
+            model = spec.features_model(dtype=self.dtype, attention=self.attention)
+
+            def run(p, mean, std, model=model, spec=spec):
+                images = prepare_images(pixels, spec.img_size, spec.input_resize, mean, std, self.dtype)
+                return model.apply({"params": p}, images)
+
+            out = jax.vmap(run)(group_params, group.pixel_mean, group.pixel_std)
+            for j, i in enumerate(group.members):
+                outputs[i] = jax.lax.stop_gradient(jax.tree.map(lambda a, j=j: a[j], out))
+        return outputs
+
+
+def _select(features: Features, keep) -> jax.Array:
+    """A non-ViT family's tokens for the DMT path: all of them, or the first prefix token (if any) and
+    the patches in `keep`."""
+    if keep is None:
+        return features.tokens()
+    patches = jnp.take_along_axis(features.patches, keep[:, :, None], axis=1)
+    return jnp.concatenate([features.prefix[:, :1], patches], axis=1)

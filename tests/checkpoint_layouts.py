@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import warnings
 
 import torch
 from timm.models.vision_transformer import VisionTransformer
@@ -182,3 +183,129 @@ CASES = {
     "dinov2": (B14_518, dinov2_layout, "dinov2"),
     "dinov2_reg4": (B14_518_REG, dinov2_layout, "dinov2"),
 }
+
+
+# ---------------------------------------------------------------- CLIP / OpenCLIP (open_clip) and SigLIP
+
+# A small text tower: the files carry one, conversion must drop it, its size does not matter.
+TINY_TEXT = dict(context_length=8, vocab_size=64, width=64, heads=1, layers=1)
+
+
+@torch.no_grad()
+def randomize_all_(model: torch.nn.Module, seed: int) -> None:
+    """Random values for every parameter of any model (open_clip's ln_*, embeddings and scalars too)."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        noise = torch.randn(p.shape, generator=gen)
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf == "gamma":
+            p.copy_(0.5 + 0.3 * noise)
+        elif ("norm" in name or "ln_" in name) and leaf == "weight":
+            p.copy_(1.0 + 0.3 * noise)
+        elif (
+            p.ndim <= 1
+            or leaf in ("bias", "latent")
+            or "embedding" in leaf
+            or leaf in ("cls_token", "pos_embed")
+        ):
+            p.copy_(0.3 * noise)
+        else:  # Linear / conv weights and CLIP's proj, scaled to keep activations O(1)
+            p.copy_(noise / p[0].numel() ** 0.5)
+
+
+def random_open_clip(width: int, layers: int, patch: int, img_size: int, *, quick_gelu: bool = False,
+                     layerscale: bool = False, embed_dim: int = 32, seed: int = 0):  # fmt: skip
+    """An open_clip CLIP (OpenAI's layout: visual.conv1, visual.transformer.resblocks.N, ...)."""
+    import open_clip
+
+    vision = dict(layers=layers, width=width, patch_size=patch, image_size=img_size,
+                  ls_init_value=0.1 if layerscale else None)  # fmt: skip
+    model = open_clip.model.CLIP(embed_dim, vision, TINY_TEXT, quick_gelu=quick_gelu)
+    randomize_all_(model, seed)
+    return model.eval()
+
+
+def random_open_clip_timm_trunk(timm_name: str, depth: int, embed_dim: int, seed: int = 0, **timm_kwargs):
+    """An open_clip CLIP whose image tower is a timm trunk (open_clip's SigLIP configs: pool 'map', proj
+    'none'), cut to `depth` blocks."""
+    import open_clip
+
+    vision = dict(timm_model_name=timm_name, timm_model_pretrained=False, timm_pool="map", timm_proj="none",
+                  image_size=224)  # fmt: skip
+    model = open_clip.model.CLIP(embed_dim, vision, TINY_TEXT)
+    model.visual.trunk.blocks = model.visual.trunk.blocks[:depth]
+    randomize_all_(model, seed)
+    return model.eval()
+
+
+def openai_torchscript(model, path, *, half: bool = True) -> None:
+    """Saves `model` as OpenAI released CLIP: a TorchScript archive (traced), fp16, with the
+    input_resolution entry OpenAI's state dicts carry (open_clip's CLIP has the other two already)."""
+    size = model.visual.image_size[0]
+    if not hasattr(model, "input_resolution"):
+        model.register_buffer("input_resolution", torch.tensor(size))
+    images, text = torch.zeros(1, 3, size, size), torch.zeros(1, 8, dtype=torch.long)
+    with warnings.catch_warnings():  # tracing is deprecated and chatty; OpenAI's archives were traced
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(model, (images, text), check_trace=False, strict=False)
+    torch.jit.save(traced.half() if half else traced, str(path))
+
+
+def big_vision_siglip(model, *, stacked: bool = False, prefix: str = "params/img/") -> dict:
+    """A timm SigLIP ViT's weights as big_vision saves a SigLIP two-tower model (.npz arrays): the
+    inverse of timm's _load_weights, plus a text tower and the logit scale/bias."""
+    sd = {k: v.detach().numpy().astype("float32") for k, v in model.state_dict().items()}
+    d = model.embed_dim
+    h = model.blocks[0].attn.num_heads
+    heads_in = lambda w: w.T.reshape(d, h, d // h)  # torch [out, in] -> [D, heads, head_dim]
+    heads_out = lambda w: w.T.reshape(h, d // h, d)
+    w = {
+        "embedding/kernel": sd["patch_embed.proj.weight"].transpose(2, 3, 1, 0),
+        "embedding/bias": sd["patch_embed.proj.bias"],
+        "pos_embedding": sd["pos_embed"],
+        "Transformer/encoder_norm/scale": sd["norm.weight"],
+        "Transformer/encoder_norm/bias": sd["norm.bias"],
+    }
+
+    def attention(out: str, q, k, v, qb, kb, vb, proj, proj_b):
+        for name, kernel, bias in (("query", q, qb), ("key", k, kb), ("value", v, vb)):
+            w[f"{out}{name}/kernel"], w[f"{out}{name}/bias"] = heads_in(kernel), bias.reshape(h, d // h)
+        w[f"{out}out/kernel"], w[f"{out}out/bias"] = heads_out(proj), proj_b
+
+    def mlp(out: str, src: str):
+        for r in range(2):
+            w[f"{out}Dense_{r}/kernel"] = sd[f"{src}fc{r + 1}.weight"].T
+            w[f"{out}Dense_{r}/bias"] = sd[f"{src}fc{r + 1}.bias"]
+
+    for i in range(len(model.blocks)):
+        b, s = f"Transformer/encoderblock_{i}/", f"blocks.{i}."
+        w[f"{b}LayerNorm_0/scale"], w[f"{b}LayerNorm_0/bias"] = sd[s + "norm1.weight"], sd[s + "norm1.bias"]
+        w[f"{b}LayerNorm_1/scale"], w[f"{b}LayerNorm_1/bias"] = sd[s + "norm2.weight"], sd[s + "norm2.bias"]
+        qkv, qkv_b = sd[s + "attn.qkv.weight"], sd[s + "attn.qkv.bias"]
+        attention(f"{b}MultiHeadDotProductAttention_0/", *qkv.reshape(3, d, d), *qkv_b.reshape(3, d),
+                  sd[s + "attn.proj.weight"], sd[s + "attn.proj.bias"])  # fmt: skip
+        mlp(f"{b}MlpBlock_0/", s + "mlp.")
+    m = "MAPHead_0/"
+    w[m + "probe"] = sd["attn_pool.latent"]
+    w[m + "LayerNorm_0/scale"], w[m + "LayerNorm_0/bias"] = (
+        sd["attn_pool.norm.weight"],
+        sd["attn_pool.norm.bias"],
+    )
+    kv, kv_b = sd["attn_pool.kv.weight"].reshape(2, d, d), sd["attn_pool.kv.bias"].reshape(2, d)
+    attention(f"{m}MultiHeadDotProductAttention_0/", sd["attn_pool.q.weight"], *kv, sd["attn_pool.q.bias"],
+              *kv_b, sd["attn_pool.proj.weight"], sd["attn_pool.proj.bias"])  # fmt: skip
+    mlp(m + "MlpBlock_0/", "attn_pool.mlp.")
+    if stacked:  # big_vision's scan layout: one encoderblock, the depth leading
+        import numpy as np
+
+        first = [k for k in w if k.startswith("Transformer/encoderblock_0/")]
+        for k in first:
+            rest = k.removeprefix("Transformer/encoderblock_0/")
+            blocks = [w.pop(f"Transformer/encoderblock_{i}/{rest}") for i in range(len(model.blocks))]
+            w[f"Transformer/encoderblock/{rest}"] = np.stack(blocks)
+    gen = torch.Generator().manual_seed(16)
+    text = {"txt/Encoder_0/encoder_norm/scale": _noise(gen, 64), "txt/Embed_0/embedding": _noise(gen, 64, 32),
+            "txt/head/kernel": _noise(gen, 32, d), "t": _noise(gen, 1), "b": _noise(gen, 1)}  # fmt: skip
+    out = {prefix + k: v for k, v in w.items()}
+    out |= {prefix.removesuffix("img/") + k: v.numpy() for k, v in text.items()}
+    return out

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 
 from dmt_jax import convert
+from dmt_jax.errors import UserError
 from dmt_jax.teachers import (
     Teacher,
     TeacherFileError,
@@ -379,7 +380,8 @@ def test_load_teacher_errors_are_one_line(tmp_path):
         load_teacher(tmp_path / "t")
     assert "\n" not in str(info.value)
     with pytest.raises(TeacherFileError, match="do not fit the spec"):
-        save_teacher(tmp_path / "u", dataclasses.replace(teacher.spec, img_size=64), teacher.params)
+        bigger = dataclasses.replace(teacher.spec.config, img_size=64)
+        save_teacher(tmp_path / "u", dataclasses.replace(teacher.spec, config=bigger), teacher.params)
     assert not (tmp_path / "u").exists()
 
 
@@ -391,6 +393,80 @@ def test_save_load_round_trip_and_spec_json(tmp_path):
     spec = json.loads((tmp_path / "t" / "spec.json").read_text())
     assert spec["num_prefix_tokens"] == 3 and spec["grid"] == 2 and spec["mean"] == [0.485, 0.456, 0.406]
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, teacher.params), loaded.params)
+
+
+def test_a_v1_teacher_directory_loads_upgraded_with_its_old_fingerprint(tmp_path):
+    """Directories written before spec /2 (today's conversions) load as ViT teachers, and their
+    fingerprint is the one checkpoints recorded then (a resume must not see another teacher)."""
+    import hashlib
+
+    from safetensors.numpy import save_file
+
+    from dmt_jax.teachers import fingerprint, flatten_params
+
+    teacher = make_random_teacher("mu/16", 32, seed=3, fmt="dino", num_reg_tokens=2, layerscale_init=0.1)
+    v1 = {"kind": "dmt_jax.teacher/1", "format": "dino", "variant": "mu/16", "width": 64, "depth": 2,
+          "num_heads": 2, "mlp_dim": 256, "patch_size": 16, "img_size": 32, "num_reg_tokens": 2,
+          "no_embed_class": False, "layerscale": True, "mean": [0.485, 0.456, 0.406],
+          "std": [0.229, 0.224, 0.225], "source": "random(seed=3)", "source_img_size": None,
+          "pos_embed_resize": "none", "grid": 2, "num_prefix_tokens": 3, "num_tokens": 7,
+          "params_file": "params.safetensors"}  # fmt: skip
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "spec.json").write_text(json.dumps(v1, indent=2))
+    flat = {k: np.asarray(v, np.float32) for k, v in flatten_params(teacher.params).items()}
+    save_file(flat, str(tmp_path / "t" / "params.safetensors"))
+    loaded = load_teacher(tmp_path / "t")
+    assert loaded.spec.family == "vit" and loaded.spec.config == teacher.spec.config
+    assert (loaded.spec.variant, loaded.spec.num_tokens, loaded.spec.input_resize) == ("mu/16", 7, "bilinear")
+
+    # The /1 fingerprint, as teachers.fingerprint computed it before /2.
+    fields = {k: v for k, v in v1.items() if k not in ("kind", "grid", "num_prefix_tokens", "num_tokens",
+                                                       "params_file", "source", "variant")}  # fmt: skip
+    digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode())
+    for name, value in sorted(flat.items()):
+        digest.update(f"{name}{value.shape}".encode())
+        digest.update(np.ascontiguousarray(value).tobytes())
+    assert fingerprint(loaded) == digest.hexdigest()
+
+    with pytest.raises(TeacherFileError, match=r"lacks the fields \['depth'\]"):
+        (tmp_path / "t" / "spec.json").write_text(json.dumps({k: v for k, v in v1.items() if k != "depth"}))
+        load_teacher(tmp_path / "t")
+
+
+def test_spec_v2_round_trip_and_config_errors(tmp_path):
+    teacher = make_random_teacher(
+        "mu/16", 32, seed=1, class_token=False, pool="map", act="gelu_tanh", pre_norm=True, patch_bias=False
+    )
+    save_teacher(tmp_path / "t", teacher.spec, teacher.params)
+    data = json.loads((tmp_path / "t" / "spec.json").read_text())
+    assert data["kind"] == "dmt_jax.teacher/2" and data["family"] == "vit"
+    assert (
+        data["config"]["act"] == "gelu_tanh" and data["num_prefix_tokens"] == 0 and data["summary_dim"] == 64
+    )
+    assert load_teacher(tmp_path / "t").spec == teacher.spec
+    for edit, message in [
+        (lambda d: d["config"].update(act="relu"), "act must be one of gelu, gelu_tanh, quick_gelu"),
+        (lambda d: d["config"].update(pool="cls"), "pool 'cls' needs class_token true"),
+        (lambda d: d["config"].update(shape=3), r"unknown fields \['shape'\]"),
+        (lambda d: d.update(family="cnn"), "family must be one of vit"),
+        (lambda d: d.update(input_resize="nearest"), "input_resize must be one of"),
+    ]:
+        broken = json.loads(json.dumps(data))
+        edit(broken)
+        (tmp_path / "t" / "spec.json").write_text(json.dumps(broken))
+        with pytest.raises(TeacherFileError, match=message) as error:
+            load_teacher(tmp_path / "t")
+        assert "\n" not in str(error.value)
+
+
+def test_summary_is_the_cls_token_for_todays_teachers_and_refused_without_one():
+    images = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3))
+    teacher = make_random_teacher("mu/16", 32, seed=0, num_reg_tokens=2)
+    np.testing.assert_array_equal(teacher.summary(images), teacher.features(images)[:, 0])
+    no_summary = make_random_teacher("mu/16", 32, seed=0, class_token=False, pool="none")
+    assert no_summary.features(images).shape == (2, 4, 64)
+    with pytest.raises(UserError, match="has no image-level summary"):
+        no_summary.summary(images)
 
 
 # ---------------------------------------------------------------- TeacherStack
@@ -426,6 +502,38 @@ def test_teacher_stack_equals_each_teacher_alone():
             assert relative_error(out, alone) <= TOLERANCE
 
 
+def test_teacher_stack_features_give_each_teacher_its_own_resolution_normalization_and_summary():
+    """Different families of ViT (CLS, no CLS + MAP head, CLIP-like pre-norm + projection) at their own
+    img_size, mean/std and resize rule, from one uint8 view; equal to each teacher alone."""
+    from dmt_jax.teachers import prepare_images
+
+    plain = make_random_teacher("mu/16", 32, 0)
+    siglip_like = make_random_teacher("mu/8", 24, 1, class_token=False, pool="map", act="gelu_tanh")
+    siglip_like = Teacher(
+        dataclasses.replace(siglip_like.spec, mean=(0.5,) * 3, std=(0.5,) * 3, input_resize="squash"),
+        siglip_like.params,
+    )
+    clip_like = make_random_teacher(
+        "mu/16", 48, 2, pre_norm=True, patch_bias=False, act="quick_gelu", ln_eps=1e-5, proj_dim=24
+    )
+    clip_like = Teacher(dataclasses.replace(clip_like.spec, input_resize="bicubic"), clip_like.params)
+    teachers = [plain, siglip_like, clip_like, make_random_teacher("mu/16", 32, 3)]
+    stack = TeacherStack(teachers, dtype=jnp.float32)
+    assert len(stack.params) == 3 and stack.summary_dims == [64, 64, 24, 64]
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    with jax.default_matmul_precision("highest"):
+        outputs = jax.jit(stack.features)(stack.params, pixels)
+        for teacher, out in zip(teachers, outputs, strict=True):
+            spec = teacher.spec
+            mean, std = np.array(spec.mean) * 255, np.array(spec.std) * 255
+            alone = teacher.forward(prepare_images(pixels, spec.img_size, spec.input_resize, mean, std))
+            assert (
+                out.patches.shape == (2, spec.grid**2, 64) and out.prefix.shape[1] == spec.num_prefix_tokens
+            )
+            assert relative_error(out.tokens(), alone.tokens()) <= TOLERANCE
+            assert relative_error(out.summary, alone.summary) <= TOLERANCE
+
+
 def test_teacher_stack_in_bf16_is_close():
     teachers = [make_random_teacher("mu/16", 32, seed) for seed in range(2)]
     stack = TeacherStack(teachers)  # bf16 by default
@@ -436,6 +544,16 @@ def test_teacher_stack_in_bf16_is_close():
     for teacher, out in zip(teachers, outputs, strict=True):
         assert out.dtype == jnp.bfloat16
         assert relative_error(out.astype(jnp.float32), teacher.features(jnp.asarray(x, jnp.float32))) < 0.03
+
+
+def test_formats_import_models_only_and_torch_lazily():
+    code = (
+        "import sys, dmt_jax.formats; "
+        "print(sorted(m for m in ('dmt_jax.teachers', 'dmt_jax.train', 'dmt_jax.config', 'torch') "
+        "if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 def test_importing_teachers_pulls_in_neither_torch_nor_tensorflow():

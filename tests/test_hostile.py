@@ -169,7 +169,13 @@ def _copy_teacher(src: Path, dst: Path, spec_edit=None, params_edit=None) -> Pat
 
 
 def _set(**fields):
-    return lambda spec: spec.update(fields)
+    """Sets spec.json fields; a field of the model config goes into its "config" (spec /2)."""
+
+    def edit(spec):
+        for name, value in fields.items():
+            (spec["config"] if name in spec.get("config", {}) else spec)[name] = value
+
+    return edit
 
 
 SPEC_EDITS = {
@@ -183,7 +189,7 @@ SPEC_EDITS = {
     "mean NaN": (_set(mean=[float("nan"), 0.4, 0.4]), "mean must be 3 finite numbers"),
     "std of 2 values": (_set(std=[0.2, 0.2]), "std must be 3 finite numbers"),
     "layerscale a string": (_set(layerscale="no"), "layerscale must be true or false"),
-    "missing width": (lambda spec: spec.pop("width"), r"lacks the fields \['width'\]"),
+    "missing width": (lambda spec: spec["config"].pop("width"), r"lacks the fields \['width'\]"),
     "extra field": (_set(heads=12), r"unknown fields \['heads'\]"),
     "not a spec": (lambda spec: spec.clear(), "not a converted-teacher spec"),
 }

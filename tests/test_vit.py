@@ -123,3 +123,35 @@ def test_bfloat16_forward_is_close_to_float32():
 def test_variant_names_and_heads():
     assert variant_name(768, 12, 3072, 16) == "B/16" and variant_name(768, 2, 3072, 14) == "w768-d2-m3072/14"
     assert [num_heads_for_width(w) for w in (192, 384, 768, 1024, 1280, 1536)] == [3, 6, 12, 16, 16, 24]
+
+
+def test_a_config_builds_the_same_vit_as_the_students_constructor():
+    """ViTConfig.module (the teacher path) and ViT(...) (the student path) are one module: same parameter
+    paths and tokens; output 'features' splits those tokens and adds the summary."""
+    config = vit.ViTConfig(64, 2, 2, 256, 8, 32, num_reg_tokens=2, layerscale=True)
+    student = vit.ViT(64, 2, 2, 256, 8, 32, num_reg_tokens=2, layerscale_init=1.0)
+    images = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3))
+    params = student.init(jax.random.PRNGKey(1), images)["params"]
+    assert student.config == config
+    tokens = student.apply({"params": params}, images)
+    features = config.module().apply({"params": params}, images)
+    np.testing.assert_array_equal(features.tokens(), tokens)
+    assert features.prefix.shape == (2, 3, 64) and features.patches.shape == (2, 16, 64)
+    np.testing.assert_array_equal(features.summary, tokens[:, 0])
+
+
+def test_config_fields_are_checked_in_one_line():
+    with pytest.raises(ValueError, match="act must be one of gelu, gelu_tanh, quick_gelu, got 'relu'"):
+        vit.ViTConfig(64, 2, 2, 256, act="relu")
+    message = "depth must be a positive integer, got 0; num_heads must be a positive integer, got -1"
+    with pytest.raises(ValueError, match=message) as info:
+        vit.ViTConfig(64, 0, -1, 256)
+    assert "\n" not in str(info.value)
+    with pytest.raises(
+        ValueError, match=r"ViTConfig lacks the fields \['mlp_dim'\] and has unknown fields \['x'\]"
+    ):
+        vit.ViTConfig.from_dict(dict(width=64, depth=2, num_heads=2, x=1))
+    config = vit.ViTConfig(64, 2, 2, 256, class_token=False, pool="map", proj_dim=8)
+    assert vit.ViTConfig.from_dict(config.to_dict()) == config and hash(config) == hash(
+        vit.ViTConfig.from_dict(config.to_dict())
+    )
