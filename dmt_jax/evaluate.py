@@ -95,6 +95,31 @@ def eval_batch_size(requested: int, device_count: int) -> int:
     return -(-max(requested, 1) // device_count) * device_count
 
 
+# Work below these sizes takes seconds: it prints no progress (the demo's evaluations print none).
+_MIN_IMAGES = 10_000  # a feature pass
+_MIN_SIMILARITIES = 10**9  # k-NN: queries x bank rows
+_MIN_ROW_EPOCHS = 10**7  # linear probe: bank rows x epochs
+
+
+class _Quiet:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+def _progress(what: str, total: int, unit: str, work: int, threshold: int):
+    """dmt_jax/progress.py's report (process 0 prints it) for work of at least `threshold`."""
+    return Progress(what, total, unit) if work >= threshold else _Quiet()
+
+
 # ---------------------------------------------------------------- feature banks, sharded over the mesh
 
 BANK_SPEC = P(None, parallel.BATCH_AXES)  # [batches, rows, ...]: each device holds its rows of every batch
@@ -148,7 +173,8 @@ def collect_banks(fn, batches, mesh, *args, what: str = "features") -> list[Bank
             features = list(out) if isinstance(out, list | tuple) else [out]
             if banks is None:
                 banks = [_empty_bank(mesh, num_batches, f.shape) for f in features]
-                progress = Progress(what, total=num_batches * batch["image"].shape[0], unit="img")
+                images = num_batches * batch["image"].shape[0]
+                progress = _progress(what, images, "img", work=images, threshold=_MIN_IMAGES)
             banks = write(banks, jnp.int32(i), features, batch["label"], batch["valid"])
             progress.update(batch["image"].shape[0])
     finally:
@@ -216,7 +242,8 @@ def knn_top1(
     program = _knn_program(bank.mesh, k, float(temperature), num_classes)
     correct = 0
     batches, rows = queries.x.shape[:2]
-    with Progress(what, total=batches * rows, unit="queries") as progress:
+    similarities = batches * rows * bank.x.shape[0] * bank.x.shape[1]
+    with _progress(what, batches * rows, "queries", similarities, _MIN_SIMILARITIES) as progress:
         for i in range(batches):
             correct += int(program(bank, queries, jnp.int32(i)))
             progress.update(rows)
@@ -300,7 +327,8 @@ def linear_probe_top1(
     opt_state = optimizer.init(params)
     epoch_program = _probe_epoch_program(mesh, float(lr), float(wd), epochs * steps_per_epoch, local_batch)
     key = jax.random.PRNGKey(seed)
-    with Progress(what, total=epochs, unit="epochs") as progress:
+    row_epochs = epochs * local_rows * devices
+    with _progress(what, epochs, "epochs", row_epochs, _MIN_ROW_EPOCHS) as progress:
         for epoch in range(epochs):
             params, opt_state = epoch_program(params, opt_state, bank, stats, jax.random.fold_in(key, epoch))
             jax.block_until_ready(params)

@@ -280,3 +280,29 @@ def test_two_processes_equal_one(tmp_path):
     assert one["local_fraction"] == 1 and two["local_fraction"] == 0.5
     assert 40 < one["knn"] < 100 and two["knn"] == one["knn"]
     assert one["probe"] > 40 and abs(two["probe"] - one["probe"]) <= 1.0 + 1e-9, (one, two)
+
+
+def test_long_work_reports_progress_and_short_work_stays_quiet(monkeypatch, capsys):
+    monkeypatch.setenv("DMT_PROGRESS", "lines")
+    mesh = parallel.make_mesh(4, 2)
+    rng = np.random.default_rng(5)
+    bank_x, bank_y, centers = clusters(rng, 200, 5, 16, 0.5)
+    bank = evaluate.bank_from_host(bank_x, bank_y, mesh, 64)
+    queries = evaluate.bank_from_host(*clusters(rng, 50, 5, 16, 0.5, centers)[:2], mesh, 64)
+    evaluate.knn_top1(bank, queries)
+    evaluate.linear_probe_top1(bank, queries, epochs=3)
+    assert capsys.readouterr().err == ""  # the demo's size: seconds, no lines
+    for name in ("_MIN_IMAGES", "_MIN_SIMILARITIES", "_MIN_ROW_EPOCHS"):
+        monkeypatch.setattr(evaluate, name, 0)
+    evaluate.collect_banks(
+        jax.jit(lambda p: p[:, 0, 0].astype(jnp.float32)), _label_batches(rng), mesh, what="bank"
+    )
+    evaluate.knn_top1(bank, queries, what="k-NN (student)")
+    evaluate.linear_probe_top1(bank, queries, epochs=3, what="linear probe (student)")
+    err = capsys.readouterr().err
+    for line in (
+        "bank: done, 48 img",
+        "k-NN (student): done, 64 queries",
+        "linear probe (student): done, 3 epochs",
+    ):
+        assert line in err, err
