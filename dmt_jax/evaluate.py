@@ -187,13 +187,16 @@ def collect_banks(fn, batches, mesh, *args, what: str = "features") -> list[Bank
 
 def _empty_bank(mesh, num_batches: int, row_shape) -> Bank:
     """A bank of zeros made where it lives (each device its shard; never on a host)."""
+    return _zeros_program(mesh, (num_batches, *row_shape))()
+
+
+@functools.cache
+def _zeros_program(mesh, shape: tuple[int, ...]):
     sharding = NamedSharding(mesh, BANK_SPEC)
-    shape = (num_batches, *row_shape)
-    zeros = jax.jit(
+    return jax.jit(
         lambda: Bank(jnp.zeros(shape, jnp.float32), jnp.full(shape[:2], -1, jnp.int32)),
         out_shardings=Bank(sharding, sharding),
     )
-    return zeros()
 
 
 @functools.cache
