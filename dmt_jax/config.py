@@ -491,8 +491,14 @@ BASE_SCHEMA = {
     "evaluate": Field(True, "False: no k-NN / probe / alignment at all, not even at the end", boolean),
     "knn_k": Field(20, "neighbours of the k-NN classifier", integer(at_least(1))),
     "knn_temperature": Field(0.07, "temperature of the k-NN vote weights", positive),
-    "linear_probe_steps": Field(
-        300, "full-batch steps of a softmax probe on the k-NN splits; 0: no probe", integer(non_negative)
+    "linear_probe_epochs": Field(
+        150,
+        "epochs of the softmax probe (minibatch AdamW, lr 1e-2, cosine) on the k-NN bank; 0: no probe. "
+        "150 x batch 256 matches a 300-step full-batch probe within 0.5 points on the demo",
+        integer(non_negative),
+    ),
+    "linear_probe_batch_size": Field(
+        256, "bank rows per linear-probe step, all devices together (at most the bank)", integer(positive)
     ),
     "eval_batch_size": Field(
         256, "images per evaluation batch, rounded up to a multiple of the device count", integer(positive)
@@ -560,7 +566,14 @@ DATA_SCHEMA = {
     "crop_scale": Field(
         (0.2, 1.0), "random-resized-crop area range (fractions of the image)", range_pair(0, 1)
     ),
-    "crop_ratio": Field((3 / 4, 4 / 3), "random-resized-crop aspect-ratio range", range_pair(0, None)),
+    "crop_ratio": Field(
+        (3 / 4, 4 / 3), "random-resized-crop aspect-ratio range (sampled log-uniform)", range_pair(0, None)
+    ),
+    "interpolation": Field(
+        "bilinear",
+        "resizing of training crops and evaluation images, antialiased as PIL's: bilinear | bicubic",
+        one_of("bilinear", "bicubic"),
+    ),
     "eval_crop_fraction": Field(
         0.875,
         "center crop of evaluation images (resize to img_size / it, then crop)",
@@ -777,6 +790,12 @@ FINETUNE_SCHEMA = {
             one_of("avg", "token"),
         ),
         "head_init_std": Field(2e-5, "std of the classifier's initial weights (MAE: 2e-5)", positive),
+        "residual_dtype": Field(
+            "float32",
+            "dtype of the residual stream (and position embeddings); '': the matmuls' `dtype`. float32, "
+            "as MAE's autocast keeps it, fine-tuned the demo as well as bfloat16 (bench/RESULTS.md)",
+            one_of("", "float32", "bfloat16"),
+        ),
     },
     "num_classes": Field(
         -1, "classes of the classifier; -1: those of the training set", integer(at_least(1, or_=(-1,)))
@@ -820,6 +839,7 @@ FINETUNE_SCHEMA = {
         "crop_scale": _default("crop_scale", (0.08, 1.0), DATA_SCHEMA),
         "randaugment": _default("randaugment", "rand-m9-mstd0.5-inc1", DATA_SCHEMA),
         "random_erasing": _default("random_erasing", 0.25, DATA_SCHEMA),
+        "interpolation": _default("interpolation", "bicubic", DATA_SCHEMA),
     },
     "checkpoint_every": BASE_SCHEMA["checkpoint_every"],
     "keep_checkpoints": BASE_SCHEMA["keep_checkpoints"],

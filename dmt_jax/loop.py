@@ -34,34 +34,44 @@ def _open_ids_log(workdir: str):
 
 
 def run_eval(setup, state, fns, cache: dict, step: int) -> dict[str, float]:
-    """k-NN and linear-probe top-1 of the student (and of each teacher, once), per-teacher alignment."""
+    """k-NN and linear-probe top-1 of the student (and of each teacher, once), per-teacher alignment.
+    The features stay sharded over the mesh (evaluate.Bank): no host or device holds a whole split."""
     cfg, mesh = setup.config, setup.mesh
 
     def batches(role):
         return eval_batches(cfg, cache, role)
 
+    def banks(model, role, params):  # model: 'student' or 'teachers'
+        what = f"{'k-NN bank' if role == 'knn_train' else 'k-NN queries'} ({model})"
+        return evaluate.collect_banks(fns[model], batches(role), mesh, params, what=what)
+
+    def scores(bank, queries, model):
+        knn = evaluate.knn_top1(bank, queries, cfg.knn_k, cfg.knn_temperature, what=f"k-NN ({model})")
+        out = {"knn_top1": knn}
+        if cfg.linear_probe_epochs > 0:
+            out["linear_probe_top1"] = evaluate.linear_probe_top1(
+                bank,
+                queries,
+                cfg.linear_probe_epochs,
+                cfg.linear_probe_batch_size,
+                seed=cfg.seed,
+                what=f"linear probe ({model})",
+            )
+        return out
+
     out = {}
-    s_train, y_train = evaluate.collect(fns["student"], batches("knn_train"), mesh, state.params)
-    s_test, y_test = evaluate.collect(fns["student"], batches("knn_eval"), mesh, state.params)
-    out["knn_top1/student"] = evaluate.knn_top1(
-        s_train, y_train, s_test, y_test, cfg.knn_k, cfg.knn_temperature
-    )
-    if cfg.linear_probe_steps > 0:
-        out["linear_probe_top1/student"] = evaluate.linear_probe_top1(
-            s_train, y_train, s_test, y_test, cfg.linear_probe_steps
-        )
-    if "teachers" not in cache:  # frozen: their k-NN never changes
-        t_train, _ = evaluate.collect(fns["teachers"], batches("knn_train"), mesh, setup.teacher_params)
-        t_test, _ = evaluate.collect(fns["teachers"], batches("knn_eval"), mesh, setup.teacher_params)
-        t_train = t_train if isinstance(t_train, list) else [t_train]
-        t_test = t_test if isinstance(t_test, list) else [t_test]
+    (bank,) = banks("student", "knn_train", state.params)
+    (queries,) = banks("student", "knn_eval", state.params)
+    out.update({f"{k}/student": v for k, v in scores(bank, queries, "student").items()})
+    del bank, queries  # the device memory goes back before the teachers' banks are made
+    if "teachers" not in cache:  # frozen: their scores never change
         cache["teachers"] = {}
-        for k, (a, b) in enumerate(zip(t_train, t_test, strict=True)):
-            top1 = evaluate.knn_top1(a, y_train, b, y_test, cfg.knn_k, cfg.knn_temperature)
-            cache["teachers"][f"knn_top1/teacher_{k}"] = top1
-            if cfg.linear_probe_steps > 0:
-                top1 = evaluate.linear_probe_top1(a, y_train, b, y_test, cfg.linear_probe_steps)
-                cache["teachers"][f"linear_probe_top1/teacher_{k}"] = top1
+        teacher_banks = banks("teachers", "knn_train", setup.teacher_params)
+        teacher_queries = banks("teachers", "knn_eval", setup.teacher_params)
+        for t, (bank, queries) in enumerate(zip(teacher_banks, teacher_queries, strict=True)):
+            scored = scores(bank, queries, f"teacher_{t}")
+            cache["teachers"].update({f"{k}/teacher_{t}": v for k, v in scored.items()})
+        del teacher_banks, teacher_queries
     out.update(cache["teachers"])
     align, _ = evaluate.collect(fns["alignment"], batches("knn_eval"), mesh, state, setup.teacher_params)
     for k, v in enumerate(np.asarray(align).mean(0)):

@@ -23,8 +23,9 @@ from dmt_jax.errors import UserError
 
 # Fields (or groups, ending in '.') whose change leaves the trained model and its data stream alone.
 HARMLESS = (
-    "log_every", "eval_every", "evaluate", "knn_k", "knn_temperature", "linear_probe_steps",
-    "eval_batch_size", "log_example_ids", "export_at_end", "profile_steps", "checkpoint_every",
+    "log_every", "eval_every", "evaluate", "knn_k", "knn_temperature", "linear_probe_epochs",
+    "linear_probe_batch_size", "eval_batch_size", "log_example_ids", "export_at_end", "profile_steps",
+    "checkpoint_every",
     "keep_checkpoints", "async_checkpoints", "resume_allow_changes", "mesh.", "distributed.",
     "fsdp_min_size", "remat", "attention",
     "teachers",  # teacher folders may move: their content is compared by hash instead

@@ -38,8 +38,6 @@ from dmt_jax.finetune.recipe import (
     layer_id,
     layer_lr_scales,
     make_optimizer,
-    mix_batch,
-    sample_mix,
     smooth_one_hot,
 )
 
@@ -60,9 +58,7 @@ __all__ = [
     "layer_lr_scales",
     "load_pretrained",
     "make_optimizer",
-    "mix_batch",
     "run",
-    "sample_mix",
     "smooth_one_hot",
     "top1_top5",
 ]

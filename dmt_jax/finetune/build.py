@@ -10,10 +10,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dmt_jax import flops, objective, parallel, train
+from dmt_jax import flops, mixup, objective, parallel, train
 from dmt_jax.finetune.model import Classifier, FinetuneState, build_model
 from dmt_jax.finetune.pretrained import Pretrained, load_pretrained
-from dmt_jax.finetune.recipe import make_optimizer, mix_batch, sample_mix, smooth_one_hot
+from dmt_jax.finetune.recipe import make_optimizer, smooth_one_hot
 from dmt_jax.teachers import IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -79,11 +79,10 @@ def build(config, mesh, num_train_examples: int, num_classes: int) -> FinetuneSe
     def step_fn(state: FinetuneState, batch):
         rng = jax.random.fold_in(state.rng, state.step)
         r_mix, r_drop = jax.random.split(rng)
-        pixels = batch["image"].astype(jnp.float32)
+        pixels = batch["image"]
         targets = smooth_one_hot(batch["label"], num_classes, config.label_smoothing)
-        if config.mixup_alpha > 0 or config.cutmix_alpha > 0:
-            lam, box, use_cutmix = sample_mix(r_mix, config, pixels.shape[1], pixels.shape[2])
-            pixels, targets = mix_batch(pixels, targets, lam, box, use_cutmix)
+        if config.mixup_alpha > 0 or config.cutmix_alpha > 0:  # within each device's shard: no collective
+            pixels, targets = mixup.mix_per_shard(r_mix, config, pixels, targets, mesh)
 
         def loss_fn(params):
             logits = model.apply({"params": params}, normalized(pixels), train=True, rngs={"dropout": r_drop})

@@ -95,6 +95,7 @@ def build_model(config, pretrained, num_classes: int) -> Classifier:
         pos_embed=config.model.pos_embed,
         drop_path=config.model.drop_path,
         dtype=jnp.dtype(config.dtype),
+        residual_dtype=jnp.dtype(config.model.residual_dtype) if config.model.residual_dtype else None,
         attention=config.attention,
         remat=config.remat,
         final_norm=config.model.global_pool == "token",
