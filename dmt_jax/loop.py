@@ -341,7 +341,7 @@ def resume_or_start(setup, ckpt, train_source, workdir: str, fingerprints=()):
         config.data,
         train_source,
         global_batch=config.batch_size,
-        img_size=setup.view_size or config.img_size,  # the largest teacher's or stage's size, agglomerative
+        img_size=getattr(setup, "view_size", 0) or config.img_size,  # agglomerative: the largest consumer
         seed=config.seed,
         process_index=jax.process_index(),
         process_count=jax.process_count(),

@@ -6,6 +6,7 @@ in), after a tiny agglomerative run with every head kind and normalization."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -15,12 +16,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from dmt_jax import export, parallel, train
-from dmt_jax.config import base_config, teacher_options
+from dmt_jax import checkpoint, export, finetune, parallel, train
+from dmt_jax.config import base_config, finetune_base_config, teacher_options
+from dmt_jax.errors import UserError
 from dmt_jax.export_heads_torch import load_heads
 from dmt_jax.objective import align, normalize
 
 BATCH = 8
+REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_run_config():
@@ -68,6 +71,11 @@ def trained(tmp_path_factory):
         state, _ = setup.step(state, setup.teacher_params, parallel.global_batch({"image": pixels}, mesh))
     directory = tmp_path_factory.mktemp("export")
     export.export_run(setup, state, str(directory))
+    # The run's workdir as a fine-tuning finds it: its config.json and a checkpoint of the state.
+    ckpt = checkpoint.Checkpointer(str(directory / "checkpoints"))
+    assert ckpt.save(config.total_steps, state, {"next_index": 0, "bad_images": 0, "global_batch": BATCH})
+    ckpt.close()
+    (directory / "config.json").write_text(config.to_json_best_effort())
     return setup, jax.device_get(state), directory
 
 
@@ -150,3 +158,69 @@ def test_load_heads_refuses_another_file(trained):
     _, _, directory = trained
     with pytest.raises(ValueError, match="is not a dmt_jax.heads/1 file"):
         load_heads(directory / export.BACKBONE_NAME)
+
+
+# ---------------------------------------------------------------- fine-tuning from an agglomerative student
+
+
+@pytest.mark.parametrize("source", ["workdir", "file"])
+def test_finetune_init_keeps_the_summary_tokens_as_registers(trained, source):
+    """From the run's workdir (its checkpoint; the table at img_size) or its export (the last stage's table),
+    the fine-tuning's encoder is the student's: same registers, same tokens for the same images."""
+    setup, state, directory = trained
+    init = str(directory if source == "workdir" else directory / export.BACKBONE_NAME)
+    px = 32 if source == "workdir" else 48
+    pretrained = finetune.load_pretrained(init)
+    assert pretrained.arch.num_reg_tokens == 3 and pretrained.arch.grid * 4 == px
+    config = finetune_base_config()
+    config.model.variant, config.img_size, config.model.global_pool = "mu/4", px, "token"
+    config.dtype = "float32"
+    classifier = finetune.build_model(config, pretrained, num_classes=5)
+    images = jax.random.normal(jax.random.PRNGKey(3), (2, px, px, 3))
+    ours = classifier.encoder.apply({"params": pretrained.params}, images)
+    student = train.student_at(setup.student, px).encoder
+    params = train.with_position_table(state.params, 8, px // 4)["encoder"]
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(student.apply({"params": params}, images)),
+                               rtol=1e-5, atol=1e-5)  # fmt: skip
+
+
+def test_finetune_runs_from_an_agglomerative_workdir(trained, tmp_path):
+    import runpy
+
+    _, _, directory = trained
+    config = runpy.run_path(str(REPO / "configs" / "finetune_demo.py"))["get_config"]()
+    fields = dict(init=str(directory), img_size=32, total_steps=2, batch_size=16, eval_every=0,
+                  eval_batch_size=40, checkpoint_every=2, log_every=1, export_at_end=True)  # fmt: skip
+    for k, v in fields.items():
+        config[k] = v
+    config.model.variant = "mu/4"
+    config.data.demo_root = str(tmp_path / "demo")
+    config.data.demo_per_class_train, config.data.demo_per_class_val = 8, 4
+    result = finetune.finetune(config, str(tmp_path / "ft"))
+    assert "top1" in result and (tmp_path / "ft" / finetune.EXPORT_NAME).exists()
+
+
+def test_finetune_init_refuses_teachers_that_are_not_plain_vits(tmp_path):
+    from dmt_jax.models import EvaConfig, SamConfig, build_model
+    from dmt_jax.teachers import TeacherSpec, make_random_teacher, save_teacher
+
+    clip = dict(pre_norm=True, patch_bias=False, act="quick_gelu", ln_eps=1e-5, proj_dim=32)
+    siglip = dict(class_token=False, act="gelu_tanh", pool="map")
+    for name, kwargs in (("clip", clip), ("siglip", siglip)):
+        t = make_random_teacher("mu/16", 32, seed=0, fmt=name, **kwargs)
+        save_teacher(tmp_path / name, t.spec, t.params)
+    eva = EvaConfig(width=64, depth=2, num_heads=2, mlp_dim=128, patch_size=16, img_size=32)
+    sam = SamConfig(embed_dim=64, depth=2, num_heads=2, mlp_dim=128, img_size=64, window_size=2,
+                    global_attn_indexes=(1,), out_chans=32)  # fmt: skip
+    for name, family, cfg in (("eva02", "eva", eva), ("sam", "sam", sam)):
+        images = jax.numpy.zeros((1, cfg.img_size, cfg.img_size, 3))
+        params = build_model(family, cfg).init(jax.random.PRNGKey(0), images)["params"]
+        save_teacher(tmp_path / name, TeacherSpec(format=name, family=family, config=cfg), params)
+    words = {"clip": "a ViT with pre_norm=True, patch_bias=False, act='quick_gelu', ln_eps=1e-05",
+             "siglip": "a ViT with class_token=False, act='gelu_tanh'",
+             "eva02": "an eva model", "sam": "a sam model"}  # fmt: skip
+    for name, what in words.items():
+        with pytest.raises(UserError) as e:
+            finetune.load_pretrained(str(tmp_path / name))
+        line = str(e.value)
+        assert f"its teacher ({name}) is {what}, not the plain timm ViT" in line and "\n" not in line, line
