@@ -27,6 +27,8 @@ import numpy as np
 from dmt_jax import formats, parallel, storage
 from dmt_jax.teachers import IMAGENET_MEAN, IMAGENET_STD, flatten_params, give_default_permissions
 
+BACKBONE_NAME, HEADS_NAME = "student_timm.safetensors", "student_heads.safetensors"  # in a run's workdir
+
 
 def timm_state_dict(params: Mapping) -> dict[str, np.ndarray]:
     """A ViT's 'params' tree (nested or flat) -> timm-named float32 arrays; FormatError on anything else."""
@@ -172,7 +174,6 @@ def export_run(setup, state, workdir: str) -> None:
 # ---------------------------------------------------------------- the agglomerative student's heads
 
 HEADS_FORMAT = "dmt_jax.heads/1"
-BACKBONE_NAME, HEADS_NAME = "student_timm.safetensors", "student_heads.safetensors"
 # The Linear each head kind ends with (objective/heads.py): where normalization statistics fold in.
 LAST_LINEAR = {"linear": "out", "ln_linear": "out", "mlp": "out", "mlp_v1": "fc2", "mlp_v2": "final_2"}
 
@@ -213,8 +214,6 @@ def export_agglomerative(
     per-token LayerNorm it predicts normalized features ("target": "layernorm"), which no Linear can
     undo. dmt_jax/export_heads_torch.py builds them in PyTorch."""
     from dmt_jax import train
-    from dmt_jax.objective import heads as heads_lib
-    from dmt_jax.objective import normalize
 
     encoder = jax.tree.map(np.asarray, dict(params["encoder"]))
     patch = int(encoder["patch_embed"]["proj"]["kernel"].shape[0])
@@ -232,42 +231,20 @@ def export_agglomerative(
     flat = flatten_params(params["heads"])
     tensors, description = {}, {}
     for t in targets:
-        one = {}
+        one = {"norm": t.norm}
         for kind, dim in (("summary", t.summary_dim), ("dense", t.dense_dim)):
-            if not dim:
-                one[kind] = None
-                continue
-            head_kind = t.summary_head if kind == "summary" else t.dense_head
-            module = f"{t.name}_{kind}"
-            weights = {k.removeprefix(module + "/"): np.asarray(v, np.float32)
-                       for k, v in flat.items() if k.startswith(module + "/")}  # fmt: skip
-            foldable = t.norm != "layernorm"
-            if foldable:  # the last Linear then predicts the teacher's own features
-                last = LAST_LINEAR[head_kind]
-                kernel, bias = normalize.fold_into_linear(
-                    t.norm, stats.get(t.name, {}).get(kind, {}), weights[f"{last}/kernel"],
-                    weights[f"{last}/bias"], norm_eps,
-                )  # fmt: skip
-                weights[f"{last}/kernel"], weights[f"{last}/bias"] = np.asarray(kernel), np.asarray(bias)
-            for path, value in weights.items():
-                name = heads_lib.torch_name(f"{module}/{path}")
-                tensors[f"{t.name}.{kind}.{name}"] = np.ascontiguousarray(
-                    value.T if path.endswith("/kernel") else value
-                )
-            hidden = weights["fc1/kernel"].shape[1] if "fc1/kernel" in weights else None
-            inner = sum(1 for p in weights if p.endswith("/kernel") and p.startswith(("inner_", "blocks_")))
-            one[kind] = dict(
-                kind=head_kind,
-                in_dim=width,
-                out_dim=int(dim),
-                hidden_dim=None if hidden is None else int(hidden),
-                num_inner=inner,
-                ln_eps=heads_lib.TORCH_LN_EPS if head_kind in ("mlp_v1", "mlp_v2") else heads_lib.DMT_LN_EPS,
-                target="teacher" if foldable else "layernorm",
-                **({"token": tokens.index(f"summary:{t.name}")} if kind == "summary" else
-                   {"teacher_grid": list(t.grid)}),
-            )  # fmt: skip
-        one["norm"] = t.norm
+            one[kind] = None
+            if dim:
+                module = f"{t.name}_{kind}"
+                weights = {k.removeprefix(module + "/"): np.asarray(v, np.float32)
+                           for k, v in flat.items() if k.startswith(module + "/")}  # fmt: skip
+                head_tensors, one[kind] = head_export(t, kind, weights, stats.get(t.name, {}), norm_eps)
+                one[kind] |= dict(in_dim=width, out_dim=int(dim))
+                if kind == "summary":
+                    one[kind]["token"] = tokens.index(f"summary:{t.name}")
+                else:
+                    one[kind]["teacher_grid"] = list(t.grid)
+                tensors.update({f"{t.name}.{kind}.{name}": v for name, v in head_tensors.items()})
         description[t.name] = one
     student = dict(width=width, patch_size=patch, img_size=img_size, num_prefix_tokens=num_prefix,
                    prefix_tokens=tokens, layernorm_target_eps=norm_eps)  # fmt: skip
@@ -275,3 +252,34 @@ def export_agglomerative(
     metadata = dict(format="pt", heads_format=HEADS_FORMAT, heads=json.dumps(description))
     save_safetensors(tensors, heads_path, {**metadata, "student": json.dumps(student)})
     return backbone, heads_path
+
+
+def head_export(target, kind: str, weights: dict, stats: Mapping, norm_eps: float) -> tuple[dict, dict]:
+    """One head's Flax weights (paths within the head) -> (PyTorch-named tensors, its description),
+    the teacher's normalization statistics folded into its last Linear where they can be."""
+    from dmt_jax.objective import heads as heads_lib
+    from dmt_jax.objective import normalize
+
+    head_kind = target.summary_head if kind == "summary" else target.dense_head
+    foldable = target.norm != "layernorm"  # a per-token LayerNorm is no affine map: it cannot fold
+    if foldable:
+        last = LAST_LINEAR[head_kind]
+        kernel, bias = normalize.fold_into_linear(
+            target.norm, stats.get(kind, {}), weights[f"{last}/kernel"], weights[f"{last}/bias"], norm_eps
+        )
+        weights = {**weights, f"{last}/kernel": np.asarray(kernel), f"{last}/bias": np.asarray(bias)}
+    tensors = {
+        heads_lib.torch_name(f"head/{path}"): np.ascontiguousarray(
+            value.T if path.endswith("/kernel") else value
+        )
+        for path, value in weights.items()
+    }
+    hidden = weights["fc1/kernel"].shape[1] if "fc1/kernel" in weights else None
+    description = dict(
+        kind=head_kind,
+        hidden_dim=None if hidden is None else int(hidden),
+        num_inner=sum(1 for p in weights if p.endswith("/kernel") and p.startswith(("inner_", "blocks_"))),
+        ln_eps=heads_lib.TORCH_LN_EPS if head_kind in ("mlp_v1", "mlp_v2") else heads_lib.DMT_LN_EPS,
+        target="teacher" if foldable else "layernorm",
+    )
+    return tensors, description
