@@ -38,7 +38,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from dmt_jax import parallel, train  # noqa: E402
 from dmt_jax.config import split_teacher_name  # noqa: E402
-from dmt_jax.models import SamConfig, ViTConfig  # noqa: E402
+from dmt_jax.models import SamConfig, ViT, ViTConfig  # noqa: E402
 from dmt_jax.models.family import HALF, IMAGENET_MEAN, IMAGENET_STD, OPENAI_MEAN, OPENAI_STD  # noqa: E402
 from dmt_jax.teachers import Teacher, TeacherSpec  # noqa: E402
 
@@ -66,9 +66,15 @@ TEACHER_SHAPES = {
 }  # fmt: skip
 
 
-def abstract_teacher(directory: str, sam_px: int | None) -> Teacher:
-    """A Teacher of the directory's shapes whose params are ShapeDtypeStructs (float32, as converted)."""
-    fmt, family, config, mean, std, resize = TEACHER_SHAPES[Path(directory).name]
+def abstract_teacher(entry: str, sam_px: int | None) -> Teacher:
+    """A Teacher of the entry's shapes whose params are ShapeDtypeStructs (float32, as converted): a
+    directory the recipes name (TEACHER_SHAPES), or 'random:VARIANT@PX:SEED'."""
+    if generated := train.parse_teacher_entry(entry):
+        _, variant, px, _ = generated
+        config = ViT.from_variant(variant, img_size=px).config
+        fmt, family, mean, std, resize = "random", "vit", IMAGENET_MEAN, IMAGENET_STD, "bilinear"
+    else:
+        fmt, family, config, mean, std, resize = TEACHER_SHAPES[Path(entry).name]
     if family == "sam" and sam_px:
         config = dataclasses.replace(config, img_size=sam_px)
     spec = TeacherSpec(format=fmt, family=family, config=config, mean=mean, std=std, input_resize=resize)
