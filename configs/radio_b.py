@@ -11,54 +11,59 @@ Convert the four official checkpoints once (README "Teachers"; CPU is enough), p
     python -m dmt_jax.main --config=configs/radio_b.py --workdir=/path/to/radio_b \
         --config.data.tfds_data_dir=/path/to/tensorflow_datasets
 
-Memory: the step's peak per device (bench/RESULTS.md, `python bench/recipe_memory.py`) is what decides
-the batch per device; SAM-H at 1024 px dominates it and the compute (6.0 TFLOP per image forward, 170
-CLIP B/16s). Where it does not fit, convert SAM at 512 px (`dmt-convert sam_vit_h_4b8939.pth
-teachers/sam_h --img-size 512`: a 32 x 32 grid, the same config otherwise) or shard with
-`--config.mesh.fsdp=N`.
+Memory (bench/RESULTS.md: XLA's buffer assignment of this step compiled on a CPU, an upper bound for a
+GPU): 17.4 GiB per device at 2 images per device in the 432 px stage, plus 4.6 GiB per image, 3.1 of
+which SAM-H at 1024 px adds over SAM-H at 512 (its global attention; it also costs 6.0 TFLOP per image).
+That is 15 images per H100 80 GB, 28 per H200 (the global batch of 1024: 128 H100s at 8 each, or 64
+H200s at 16), 2 per TPU v5e chip with `--config.mesh.fsdp=8`; remat does not lower it (the peak is
+in the teachers' forward). SAM-H therefore stays at its full 1024 px. Where memory is short, convert
+it at 512 px instead (`dmt-convert sam_vit_h_4b8939.pth teachers/sam_h_512 --img-size 512`, a 32 x 32
+grid, 1.5 GiB per image in all; `--config.teachers` naming sam=teachers/sam_h_512).
 
 Where each value comes from (RADIO: NVlabs/RADIO's code and its maintainers' answers in its issues;
 AM-RADIO: CVPR 2024; RADIOv2.5: "Improved Baselines for Agglomerative Vision Foundation Models";
 PHI-S: Ranzinger et al. 2024; UNIC: naver/unic's main_unic.py defaults) and what is our choice:
 
-- Teachers. RADIOv2.5: DFN CLIP ViT-H/14-378, SigLIP So400m/14-384, DINOv2-g/14 with registers, SAM
-  ViT-H (1024 px). Ours (issue 16): OpenAI CLIP L/14-336 at 336 px, SigLIP So400m/14 at 384 (a 27 x 27
-  grid: 378 px), DINOv2 L/14-reg at 378 px (27 x 27: the student's grid at 432 px; our choice, RADIO's
-  DINOv2 resolution is not stated in what we read), SAM-H at 1024 px (its native size).
+- Teachers. RADIOv2.5: DFN CLIP ViT-H/14-378, SigLIP So400m/14-384, DINOv2-g/14 with registers, SAM ViT-H
+  (1024 px). Ours (issue 16): OpenAI CLIP L/14-336 at 336 px, SigLIP So400m/14 at 384 (a 27 x 27 grid: 378
+  px), DINOv2 L/14-reg at 378 px (27 x 27: the student's grid at 432 px; our choice, RADIO's DINOv2
+  resolution is not stated in what we read), SAM-H at 1024 px (its native size).
 - Targets. Summary: CLIP's projected image embedding (usable with CLIP's text tower), SigLIP's MAP-head
-  vector, DINOv2's CLS; SAM has none (RADIO: `use_summary` off for SAM). Dense: every teacher's final
-  patch tokens (SAM: its neck's 64 x 64 x 256), each on its own grid.
+  vector, DINOv2's CLS; SAM has none (RADIO's per-teacher `use_summary` switch; SAM gives no image
+  vector). Dense: every teacher's final patch tokens (SAM: its neck's 64 x 64 x 256), each on its own
+  grid.
 - Student. ViT-B/16 (RADIOv2.5-B); one summary token per teacher with a summary (RADIO's
   cls_token_per_teacher): CLS for clip, then registers for dinov2 and siglip (name order), and 5 own
-  registers, which pads the 3 summary tokens to 8 as RADIO's ClsToken does (register_multiple 8:
-  registers = 8 - 3 % 8). Learned position table (RADIO learns its CPE table; ours is sized for the last
-  stage, 432 px, and resized bilinearly for the first, as RADIO's is for each input size). Final norm
-  kept (RADIO drops it; ours is the ViT's). drop_path 0.1: UNIC's (RADIO's unknown).
+  registers, which pads the 3 summary tokens to 8 as RADIO's ClsToken does (registers = multiple - tokens
+  % multiple; RADIOv2.5-B has 4 summary tokens + 4 registers, METHOD.md). Learned position table (RADIO
+  learns its CPE table; ours is sized for the last stage, 432 px, and resized bilinearly for the first, as
+  RADIO's is for each input size). Final norm kept (RADIO drops it, METHOD.md; ours is the ViT's, which
+  the exported heads expect). drop_path 0.1: UNIC's (RADIO's unknown).
 - Heads. RADIO's MLP v2 (fc1, residual LayerNorm-GELU-Linear blocks, LayerNorm-GELU-Linear) for summary
-  and dense, as RADIOv2.5's adaptors; hidden width the student's (768) and one residual block: our
-  choice (the released adaptors' sizes were not read).
+  and dense, as RADIOv2.5's adaptors; hidden width the student's (768) and one residual block: our choice
+  (the released adaptors' sizes were not read).
 - Normalization: PHI-S for every teacher, summary and dense (RADIOv2.5: PHI-S was "one of the major
   algorithm updates behind the version 2.5 releases", RADIO's README); statistics from the first 100
   steps, then frozen (ours; PHI-S estimates them once from the teachers' outputs).
-- Loss. Summary: cosine (AM-RADIO). Dense: 0.9 cosine + 0.1 smooth-L1 (AM-RADIO, Theia); PHI-S
-  studies its normalizations under an MSE feature loss, and smooth-L1 (beta 1) on PHI-S's unit-variance
-  targets is MSE / 2 where the error is below 1. Every teacher weighted 1 (PHI-S balances them). The
-  student's adapted features are resampled bilinearly to each teacher's grid (RADIO). No masking
-  (RADIO encodes every patch), no teacher dropping (RADIO has none; UNIC drops with 0.5).
-- Resolution stages. RADIOv2.5 (maintainer, NVlabs/RADIO issue 135): stage 1 at 256 px, stage 2 at
-  432 px, stage 3 at 432 and 1024 px at once (two GPU partitions, every teacher on both, issue 113).
-  AM-RADIO: 600k steps, 300k at 256 px then 300k at 432 px (as its readers report it, issue 125).
-  Ours: 256 px for 300k steps, then 432 px to 600k; the mixed third stage is not an option of this
-  objective (one student size per step): instead SAM sees every view at its own 1024 px from step 0,
-  its 64 x 64 features compared with the student's upsampled ones (RADIO trains 1024 in stage 3 to
-  avoid the "mode switching" between low and high resolution it reports; a stage (600k, 1024) can be
-  appended, at about 6x the student's cost per image).
-- Optimization (RADIO's optimizer, lr and batch are not stated in what we read): UNIC's AdamW, lr 3e-4
-  x batch / 256, betas (0.9, 0.99), weight decay 0.03, cosine to 1e-6, warmup 5% of the run (UNIC: 10
-  of 200 epochs); global batch 1024 (ours); bf16 student matmuls and teachers, float32 parameters.
+- Loss. Summary: cosine (AM-RADIO). Dense: 0.9 cosine + 0.1 smooth-L1 (AM-RADIO, Theia); PHI-S studies its
+  normalizations under an MSE feature loss, and smooth-L1 (beta 1) on PHI-S's unit-variance targets is MSE
+  / 2 where the error is below 1. Every teacher weighted 1 (PHI-S balances them). The student's adapted
+  features are resampled bilinearly to each teacher's grid (RADIO). No masking (RADIO encodes every
+  patch), no teacher dropping (RADIO has none; UNIC drops with 0.5).
+- Resolution stages. RADIOv2.5 (maintainer, NVlabs/RADIO issue 135): stage 1 at 256 px, stage 2 at 432 px,
+  stage 3 at 432 and 1024 px at once (two GPU partitions, every teacher on both, issue 113). AM-RADIO:
+  600k steps, 300k at 256 px then 300k at 432 px (as its readers report it, issue 125). Ours: 256 px for
+  300k steps, then 432 px to 600k; the mixed third stage is not an option of this objective (one student
+  size per step): instead SAM sees every view at its own 1024 px from step 0, its 64 x 64 features
+  compared with the student's upsampled ones (RADIO trains 1024 in stage 3 against the "mode switching"
+  between low and high resolution it reports; a third stage can be added, e.g.
+  `--config.stages="((0,256),(300000,432),(500000,1024))"`, at about 6x the student's cost per image).
+- Optimization (RADIO's optimizer, lr and batch are not stated in what we read): UNIC's AdamW, lr 3e-4 x
+  batch / 256, betas (0.9, 0.99), weight decay 0.03, cosine to 1e-6, warmup 5% of the run (UNIC: 10 of 200
+  epochs); global batch 1024 (ours); bf16 student matmuls and teachers, float32 parameters.
 - Data: RADIO distils on DataComp-1B; ours ImageNet-1K's 1.28M training images (tfds), views of 1024 px
-  (the largest teacher's size) with DMT's RandomResizedCrop(0.2, 1) and flip, resized for each teacher
-  and for the student.
+  (the largest teacher's size) with DMT's RandomResizedCrop(0.2, 1) and flip, resized for each teacher and
+  for the student.
 """
 
 from dmt_jax.config import base_config, teacher_options
