@@ -287,6 +287,11 @@ BASE_SCHEMA = {
         strings,
     ),
     "teacher_weights": Field((), "loss weight per teacher (normalized to sum 1); (): equal weights", weights),
+    "allow_duplicate_teachers": Field(
+        False,
+        "allow one teacher named twice (it then weighs double; teacher_weights says so openly)",
+        boolean,
+    ),
     "teacher_dtype": Field("bfloat16", "dtype of the frozen teachers' weights and matmuls", DTYPES),
     # Objective (METHOD.md 3-7).
     "mask_ratio": Field(0.75, "fraction of the student's patches masked out", between(0, 1, high_open=True)),
@@ -379,7 +384,13 @@ BASE_SCHEMA = {
                 ),
                 "norm": Field(
                     "layernorm",
-                    "target normalization: none | layernorm (DMT's) | standardize (UNIC) | phi_s (RADIOv2.5)",
+                    "dense targets' normalization: none | layernorm (DMT) | standardize (UNIC) | phi_s",
+                    one_of("none", "layernorm", "standardize", "phi_s"),
+                ),
+                "summary_norm": Field(
+                    "none",
+                    "summary target's normalization, the same kinds (phi_s: needs phi_s_steps x batch_size "
+                    "above its width)",
                     one_of("none", "layernorm", "standardize", "phi_s"),
                 ),
                 "summary_weight": Field(1.0, "weight of this teacher's summary loss", non_negative),
@@ -639,6 +650,12 @@ def consistency_problems(c: mc.ConfigDict) -> list[str]:
     if not entries:
         problems.append("--config.teachers names no teacher: give converted teacher directories")
     problems += agglomerative_problems(c, entries)
+    if duplicates := [] if c.allow_duplicate_teachers else duplicate_teachers(entries):
+        problems.append(
+            f"--config.teachers names one teacher twice ({'; '.join(duplicates)}): it would silently weigh "
+            "double; give each once (teacher_weights sets weights), or pass "
+            "--config.allow_duplicate_teachers=True"
+        )
     if c.teacher_weights and len(c.teacher_weights) != len(entries):
         problems.append(
             f"--config.teacher_weights has {len(c.teacher_weights)} entries for "
@@ -676,6 +693,25 @@ def consistency_problems(c: mc.ConfigDict) -> list[str]:
                 f"--config.data.source='folder' needs {' and '.join(missing)}: folders of class folders"
             )
     return problems
+
+
+def duplicate_teachers(entries) -> list[str]:
+    """'ENTRY (entries i and j)' for each teacher named more than once: directories by their resolved
+    path (~, links and .. resolved: storage.resolve), generated teachers by their entry."""
+    from dmt_jax import storage
+    from dmt_jax.errors import UserError
+
+    seen, found = {}, []
+    for i, named in enumerate(entries):
+        entry = split_teacher_name(named)[1]  # two names for one teacher are one teacher twice
+        try:
+            key = entry if entry.startswith(("random:", "demo:")) else storage.resolve(entry)
+        except UserError:  # an unusable path: check_teacher_dir names it
+            continue
+        if key in seen:
+            found.append(f"{named!r} (entries {seen[key]} and {i})")
+        seen.setdefault(key, i)
+    return found
 
 
 # ---------------------------------------------------------------- fine-tuning (dmt_jax/finetune.py)

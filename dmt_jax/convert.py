@@ -39,11 +39,66 @@ def _first_line(error: BaseException) -> str:
 
 
 def read_checkpoint(src: str | os.PathLike) -> Mapping:
-    """The checkpoint's top-level dict, read without running any code from it (formats/files.py)."""
+    """The checkpoint's top-level dict, read without running any code from it (formats/files.py), and
+    refused before anything in it is materialized when it cannot be a checkpoint (check_contents)."""
     try:
-        return files.read_checkpoint(src)
+        ckpt = files.read_checkpoint(src)
     except formats.FormatError as e:
         raise ConversionError(_first_line(e)) from e
+    check_contents(ckpt, os.path.getsize(src))
+    return ckpt
+
+
+# What the file may declare, in float32 bytes, per byte it holds: a float16 file doubles, a uint8 buffer
+# quadruples; a file declaring more repeats its storage (stride-0 views) and would be materialized.
+DECLARED_PER_FILE_BYTE = 4
+DECLARED_SLACK = 2**26  # 64 MB: small files
+
+
+def check_contents(ckpt: Mapping, file_bytes: int) -> None:
+    """ConversionError (one line) for a file that cannot be a checkpoint, read before anything in it is
+    materialized: a key that is not a string where names are (the top level, a dict holding tensors);
+    a tensor with more elements than its storage holds (a stride-0 / expanded view); tensors declaring
+    more float32 bytes than the file could hold (views repeating one storage)."""
+    bad_keys, repeats, declared = [], [], 0
+
+    def walk(node, where: str, depth: int):
+        nonlocal declared
+        if depth > 8:
+            return
+        if isinstance(node, Mapping):
+            holds_tensors = any(hasattr(v, "shape") for v in node.values())
+            if depth == 0 or holds_tensors:
+                bad_keys.extend(
+                    f"{where}[{k!r}] ({type(k).__name__})" for k in node if not isinstance(k, str)
+                )
+            for k, v in node.items():
+                walk(v, f"{where}[{k!r}]", depth + 1)
+        elif isinstance(node, list | tuple):
+            for i, v in enumerate(node):
+                walk(v, f"{where}[{i}]", depth + 1)
+        elif hasattr(node, "untyped_storage"):  # a torch tensor: its size says nothing of its storage's
+            if node.numel() * node.element_size() > node.untyped_storage().nbytes():
+                repeats.append(f"{where} ({tuple(node.shape)} from {node.untyped_storage().nbytes()} bytes)")
+            declared += node.numel() * 4
+        elif hasattr(node, "shape") and hasattr(node, "size"):
+            declared += int(node.size) * 4
+
+    walk(ckpt, "checkpoint", 0)
+    if bad_keys:
+        raise ConversionError(
+            f"not a checkpoint: keys that are not strings: {formats.name_list(bad_keys, 3)}"
+        )
+    if repeats:
+        raise ConversionError(
+            f"not a checkpoint: tensors that repeat their storage (stride-0 or overlapping views), which a "
+            f"checkpoint never holds and would be materialized whole: {formats.name_list(repeats, 3)}"
+        )
+    if declared > DECLARED_PER_FILE_BYTE * file_bytes + DECLARED_SLACK:
+        raise ConversionError(
+            f"not a checkpoint: its tensors declare {declared / 1e9:.1f} GB as float32 in a file of "
+            f"{file_bytes / 1e6:.1f} MB (views repeating one storage); nothing was materialized"
+        )
 
 
 def _to_numpy(array) -> np.ndarray:
@@ -57,14 +112,6 @@ def _is_float(array) -> bool:
     if hasattr(array, "is_floating_point"):
         return array.is_floating_point()
     return np.issubdtype(np.asarray(array).dtype, np.floating)
-
-
-def _all_finite(array) -> bool:
-    if hasattr(array, "detach"):
-        import torch
-
-        return bool(torch.isfinite(array).all())
-    return bool(np.isfinite(array).all())
 
 
 def convert_checkpoint(
@@ -88,8 +135,11 @@ def convert_checkpoint(
             check_writable(out, overwrite)  # before reading a large file
         _say(f"reading {src}")
         ckpt = read_checkpoint(src)
+        guessed = fmt == "auto"
         fmt = formats.detect(ckpt) if fmt == "auto" else fmt
         source = formats.get(fmt)
+        if guessed and source.guess and (why := source.guess(ckpt)):
+            _say(f"format {fmt} is a guess ({why}): if it is another, convert again with --format NAME")
         if refused := sorted(set(options) - set(source.options) - {"mean", "std"}):
             takes = ", ".join("--" + o.replace("_", "-") for o in source.options) or "neither"
             raise ConversionError(
@@ -99,7 +149,14 @@ def convert_checkpoint(
             state = source.to_reference(ckpt)
         except formats.FormatError:
             raise
-        except (RuntimeError, TypeError, KeyError, IndexError, ValueError) as e:  # tensors that do not add up
+        except (
+            RuntimeError,
+            TypeError,
+            KeyError,
+            IndexError,
+            ValueError,
+            AttributeError,
+        ) as e:  # do not add up
             raise ConversionError(f"cannot unwrap the checkpoint as {fmt}: {_first_line(e)}") from e
         del ckpt
         if bad := sorted(k for k, v in state.items() if not hasattr(v, "shape") or not hasattr(v, "dtype")):
@@ -121,11 +178,15 @@ def convert_checkpoint(
 
         if bad := sorted(f"{k} ({v.dtype})" for k, v in state.items() if not _is_float(v)):
             raise ConversionError(f"tensors that are not floating point: {formats.name_list(bad)}")
-        if bad := sorted(k for k, v in state.items() if not _all_finite(v)):
+        # Checked after the cast: float64 weights beyond float32's range (3.4e38) would become Inf.
+        arrays = {k: _to_numpy(v) for k, v in state.items()}
+        del state
+        if bad := sorted(k for k, a in arrays.items() if not np.isfinite(a).all()):
             raise ConversionError(
-                f"tensors holding NaN or Inf: {formats.name_list(bad)}; the checkpoint is damaged"
+                f"tensors holding NaN or Inf: {formats.name_list(bad)} (as float32: values beyond its range, "
+                "3.4e38, are Inf); the checkpoint is damaged"
             )
-        flat = source.to_flax({k: _to_numpy(v) for k, v in state.items()}, config)
+        flat = source.to_flax(arrays, config)
         inputs = dict(mean=source.mean, std=source.std, input_resize=source.input_resize)
         inputs.update(source.inputs_for(config) if source.inputs_for else {})
         spec = TeacherSpec(

@@ -17,15 +17,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping
-from pathlib import Path
 
 import jax
 import numpy as np
 
 from dmt_jax import formats, parallel, storage
-from dmt_jax.teachers import IMAGENET_MEAN, IMAGENET_STD, flatten_params, give_default_permissions
+from dmt_jax.teachers import IMAGENET_MEAN, IMAGENET_STD, flatten_params
 
 BACKBONE_NAME, HEADS_NAME = "student_timm.safetensors", "student_heads.safetensors"  # in a run's workdir
 
@@ -126,24 +124,17 @@ def save_timm_file(
 
 
 def save_safetensors(tensors: Mapping[str, np.ndarray], path: str | os.PathLike, metadata: Mapping[str, str]):
-    """Writes numpy tensors and string metadata as one safetensors file, atomically (local or bucket)."""
+    """Writes numpy tensors and string metadata as one safetensors file: whole or not at all, never through
+    a link; a failed write (a full disk) is an OSError naming `path` (storage.atomic_local)."""
     from safetensors.numpy import save, save_file
 
     state, metadata = dict(tensors), dict(metadata)
     if storage.is_remote(path):  # a bucket object appears whole or not at all: already atomic
-        storage.path(path).write_bytes(save(dict(state), metadata=metadata))
+        with storage.named_write_errors(path):
+            storage.path(path).write_bytes(save(state, metadata=metadata))
         return
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    os.close(fd)
-    try:
+    with storage.atomic_local(path) as tmp:
         save_file(state, tmp, metadata=metadata)
-        give_default_permissions(tmp)  # mkstemp made it 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def export_run(setup, state, workdir: str) -> None:

@@ -33,7 +33,7 @@ import numpy as np
 import optax
 from etils import epath
 
-from dmt_jax import checkpoint, data, evaluate, flops, formats, loop, objective, parallel, train
+from dmt_jax import checkpoint, data, evaluate, flops, formats, loop, objective, parallel, storage, train
 from dmt_jax.errors import UserError
 from dmt_jax.models.vit import LayerNorm, ViT, parse_variant
 from dmt_jax.teachers import IMAGENET_MEAN, IMAGENET_STD, flatten_params, load_teacher, unflatten_params
@@ -96,9 +96,9 @@ class Pretrained:
 
 def load_pretrained(source: str) -> Pretrained:
     """A distillation workdir, a student_timm.safetensors or a converted teacher directory -> Pretrained."""
-    path = epath.Path(source)
+    path = storage.path(source, "--config.init")  # the form every reader of the init uses
     if (path / "spec.json").exists():
-        teacher = load_teacher(source)
+        teacher = load_teacher(path)
         if problem := not_a_plain_vit(teacher.spec):
             raise UserError(f"--config.init={source}: {problem}")
         spec, state = teacher.spec, formats.flax_to_timm(flatten_params(teacher.params))
@@ -452,6 +452,7 @@ def finetune(config, workdir: str) -> dict[str, float]:
     """Runs (or resumes) a fine-tuning in workdir; returns the final evaluation (and the best top-1), or {}
     when stopped early. As the distillation (loop.py): the workdir is locked, a resume must continue the
     same run (same init, same training fields), a stop request is honoured while waiting for input."""
+    workdir = storage.resolve(workdir, "--workdir")  # one form for every reader and writer (storage.py)
     return loop.with_workdir_lock(workdir, _finetune_locked, config, workdir)
 
 
@@ -547,8 +548,7 @@ class _Evaluations:
         out["best_top1"], out["best_step"] = self.best
         self.writer.write_scalars(step, out)
         if jax.process_index() == 0:
-            with open(self.path, "a") as f:
-                f.write(json.dumps({"step": step, **out}) + "\n")
+            storage.append_line(self.path, json.dumps({"step": step, **out}))
             print(f"eval at step {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in out.items()), flush=True)
         return out
 
@@ -569,7 +569,7 @@ def check_run(config, workdir: str) -> None:
         parallel.initialize_distributed(config.distributed)
         problems += validate.device_problems(config)
     problems += data.dataset_problems(config.data, ("train", "knn_eval"))
-    if config.init and not epath.Path(config.init).exists():
+    if config.init and not _init_exists(config.init):
         problems.append(
             f"--config.init={config.init!r} does not exist: name a distillation workdir (e.g. the demo's, "
             "after `python -m dmt_jax.main --config=configs/demo.py --workdir=/tmp/dmt_demo`), a "
@@ -578,6 +578,13 @@ def check_run(config, workdir: str) -> None:
     problems += validate.workdir_problems(workdir)
     if problems:
         raise UserError(*problems)
+
+
+def _init_exists(init: str) -> bool:
+    try:
+        return storage.path(init, "--config.init").exists()
+    except UserError:  # blank, or a name too long for the filesystem: it does not exist either way
+        return False
 
 
 def run(argv=None):

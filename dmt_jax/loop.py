@@ -122,12 +122,13 @@ def _open_ids_log(workdir: str):
             f"--config.log_example_ids=True needs a local --workdir (got {workdir}); turn it off for a bucket"
         )
     path = os.path.join(workdir, f"example_ids.p{jax.process_index()}.jsonl")
-    if os.path.exists(path):
-        with open(path, "rb+") as f:
-            text = f.read()
-            if text and not text.endswith(b"\n"):
-                f.truncate(text.rfind(b"\n") + 1)
-    return open(path, "a", buffering=1)
+    fd = storage.open_local(path, os.O_RDWR | os.O_CREAT)  # never through a link, never a FIFO
+    f = os.fdopen(fd, "r+b", buffering=0)
+    text = f.read()
+    if text and not text.endswith(b"\n"):
+        f.truncate(text.rfind(b"\n") + 1)
+    f.close()
+    return os.fdopen(storage.open_local(path, os.O_WRONLY | os.O_APPEND), "a", buffering=1)
 
 
 class Progress:
@@ -220,6 +221,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     training goes on (the next save retries).
     """
     _use_compilation_cache(config.compilation_cache_dir)
+    workdir = storage.resolve(workdir, "--workdir")  # one form for every reader and writer (storage.py)
     return with_workdir_lock(workdir, _train_and_evaluate_locked, config, workdir)
 
 
@@ -337,6 +339,8 @@ def resume_or_start(setup, ckpt, train_source, workdir: str, fingerprints=()):
         _say(f"resuming with changed config fields: {'; '.join(changes)}")
     if jax.process_index() == 0:
         storage.write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
+        resolved = dict(summary.schedule(setup, num_examples), started_at_step=start)  # for dmt-report
+        storage.write_text(os.path.join(workdir, "schedule.json"), json.dumps(resolved, indent=2))
     train_input = data.make_train_input(
         config.data,
         train_source,

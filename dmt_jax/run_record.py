@@ -23,6 +23,7 @@ HARMLESS = (
     "keep_checkpoints", "async_checkpoints", "resume_allow_changes", "mesh.", "distributed.",
     "fsdp_min_size", "remat", "attention",
     "teachers",  # teacher folders may move: their content is compared by hash instead
+    "allow_duplicate_teachers",  # the teachers themselves are compared by hash
     "data.threads", "data.num_parallel", "data.prefetch", "data.folder_eval", "data.folder_knn_train",
     "data.knn_train_split", "data.knn_eval_split", "data.eval_crop_fraction", "data.demo_per_class_val",
     "data.tfds_data_dir", "data.demo_root", "data.max_image_pixels", "data.max_unreadable_in_a_row",

@@ -265,7 +265,6 @@ def save_teacher(
     `params`: the ViT's 'params' tree (nested) or its flattened form. An existing `out_dir` is replaced
     only with `overwrite` and only if it is a converted teacher (or empty), never an arbitrary folder.
     """
-    from safetensors.numpy import save_file
 
     out = Path(out_dir)
     flat = flatten_params(params) if any(isinstance(v, Mapping) for v in params.values()) else dict(params)
@@ -273,8 +272,17 @@ def save_teacher(
         raise TeacherFileError(f"parameters do not fit the spec ({spec.variant}): {'; '.join(problems)}")
     arrays = {k: np.ascontiguousarray(np.asarray(v, dtype=np.float32)) for k, v in flat.items()}
     if storage.is_remote(out_dir):
-        return _save_teacher_to_bucket(storage.path(out_dir), spec, arrays, overwrite)
+        with storage.named_write_errors(out_dir):
+            return _save_teacher_to_bucket(storage.path(out_dir), spec, arrays, overwrite)
     check_writable(out, overwrite)
+    with storage.named_write_errors(out):  # a full disk: one line naming the teacher folder
+        _save_teacher_locally(out, spec, arrays)
+    return out
+
+
+def _save_teacher_locally(out: Path, spec: TeacherSpec, arrays: dict) -> None:
+    from safetensors.numpy import save_file
+
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -297,7 +305,6 @@ def save_teacher(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
 
 
 def _save_teacher_to_bucket(out, spec: TeacherSpec, arrays: dict, overwrite: bool):

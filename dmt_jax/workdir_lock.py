@@ -26,6 +26,7 @@ import time
 
 from etils import epath
 
+from dmt_jax import storage
 from dmt_jax.errors import UserError
 
 LOCK_FILE = ".dmt_lock"
@@ -65,7 +66,7 @@ class WorkdirLock:
     """`with WorkdirLock(workdir):` or acquire() / release(); WorkdirLocked when another run holds it."""
 
     def __init__(self, workdir: str | os.PathLike, use_object: bool | None = None):
-        self.workdir = str(workdir)
+        self.workdir = storage.resolve(workdir, "--workdir")  # the form every writer uses
         self.use_object = not _is_local(self.workdir) if use_object is None else use_object
         self._fd: int | None = None
         self._stop = threading.Event()
@@ -107,7 +108,7 @@ class WorkdirLock:
         import fcntl
 
         path = os.path.join(self.workdir, LOCK_FILE)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = storage.open_local(path, os.O_RDWR | os.O_CREAT, 0o644)  # never a planted link or FIFO
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -235,14 +235,15 @@ def send_after(run: Run, pattern: str, sig: int = signal.SIGTERM) -> str:
     return line
 
 
-def fill_disk_under(monkeypatch, prefixes: tuple[str, ...]):
-    """Every file opened for writing under one of these path prefixes fails with ENOSPC (a full disk);
-    reads and writes elsewhere go through. orbax writes its metadata through Python's open."""
+def fill_disk_under(monkeypatch, prefixes: tuple[str, ...], code: int = errno.ENOSPC):
+    """Every file opened for writing under one of these path prefixes fails with ENOSPC (a full disk; or
+    another errno: EROFS for a read-only one); reads and writes elsewhere go through. orbax writes its
+    metadata through Python's open."""
     real_open = builtins.open
 
     def open_on_a_full_disk(file, mode="r", *args, **kwargs):
         if isinstance(file, str | os.PathLike) and str(file).startswith(prefixes) and set(mode) & set("wax+"):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(file))
+            raise OSError(code, os.strerror(code), str(file))
         return real_open(file, mode, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "open", open_on_a_full_disk)

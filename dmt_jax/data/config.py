@@ -7,6 +7,7 @@ from pathlib import Path
 
 from etils import epath
 
+from dmt_jax import storage
 from dmt_jax.data.demo import CLASSES, make_demo_dataset
 from dmt_jax.data.pipeline import EvalInput, TrainInput
 from dmt_jax.data.sources import (
@@ -24,7 +25,7 @@ SPLIT_ROLES = ("train", "knn_train", "knn_eval")
 def demo_dataset_root(data_config) -> Path:
     c = data_config
     name = f"c{c.demo_num_classes}_t{c.demo_per_class_train}_v{c.demo_per_class_val}_s{c.demo_img_size}"
-    return Path(c.demo_root).expanduser() / name
+    return Path(storage.resolve(c.demo_root, "--config.data.demo_root")) / name
 
 
 def make_source(data_config, split_role: str) -> Source:

@@ -70,6 +70,9 @@ class CheckpointFormat:
     input_resize: str = "bilinear"
     options: tuple[str, ...] = ()  # the conversion options (convert.py's --act, --num-heads) it accepts
     summary: str = ""  # one line for `dmt-convert --help`
+    # ckpt -> why detect()'s yes is only a guess (files of other repositories look the same), '' when the
+    # keys are distinctive: dmt-convert then names --format.
+    guess: Callable[[Mapping], str] | None = None
     inputs_for: Callable[[Any], dict] | None = None  # config -> mean/std/input_resize where they depend on it
 
 
