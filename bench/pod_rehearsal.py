@@ -11,10 +11,14 @@ Parts (each prints JSON lines, then a table; `--parts` picks them):
          same command on 2 processes x 2 devices resumes and finishes; its final state is compared
          with the uninterrupted pod run's (needs `pod` in the same call).
 
-    python bench/pod_rehearsal.py                      # all parts
+    python bench/pod_rehearsal.py                      # all parts: about 4.5 minutes on 2 idle cores
     python bench/pod_rehearsal.py --parts eval --bank 131072
 
-The machine may be shared: seconds are wall time of this process and its children.
+Needs the `emulator` extra (`pip install -e '.[emulator]'`, part of `.[test]`): the bucket is
+`python -m dmt_jax.storage_emulator` in a process of its own, started by the tests' helper
+(tests/gcs_emulator.py). It prints its results only (JSON lines, then a table); a run that fails
+shows the end of its output. The machine may be shared: seconds are wall time of this process and
+its children.
 """
 
 from __future__ import annotations
@@ -285,6 +289,10 @@ def main():
 
         from gcs_emulator import child_env, emulated_bucket
 
+        try:
+            import gcp_storage_emulator  # noqa: F401
+        except ImportError:
+            raise SystemExit("the pod parts need the emulator extra: pip install -e '.[emulator]'") from None
         with emulated_bucket() as bucket, tempfile.TemporaryDirectory() as tmp:
             env = child_env()
             pod_part(args, rows, bucket, Path(tmp), env)

@@ -17,6 +17,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging as py_logging
+import re
+import sys
 import time
 
 import jax
@@ -243,6 +245,36 @@ class _DropOrbaxRecords(py_logging.Filter):
 _DROP_ORBAX_RECORDS = _DropOrbaxRecords()
 
 
+def _drop_failed_save_echoes():
+    """A failed save is said in one line; its echoes are dropped. orbax writes each save under one asyncio
+    loop and closes it at the first failed write, while tensorstore's other writes are still in flight:
+    each of them, done later, reports RuntimeError('Event loop is closed') through sys.unraisablehook
+    (hundreds of tracebacks), and asyncio logs every failed write's task ('Task exception was never
+    retrieved') when it is collected."""
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_closed_loop", False):
+        return
+
+    def hook(unraisable):
+        error = unraisable.exc_value
+        if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook.drops_closed_loop = True
+    sys.unraisablehook = hook
+    py_logging.getLogger("asyncio").addFilter(_UnretrievedOrbaxTask())
+
+
+class _UnretrievedOrbaxTask(py_logging.Filter):
+    def filter(self, record: py_logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("Task exception was never retrieved") and "orbax" in message)
+
+
+_drop_failed_save_echoes()
+
+
 def read_state(directory: str, step: int) -> dict:
     """The train state of the checkpoint at `step` as numpy arrays (no mesh, no abstract state needed):
     for reading another run's weights, e.g. the student a fine-tuning starts from."""
@@ -327,9 +359,14 @@ def _own_failure(e: BaseException) -> BaseException:
     return e
 
 
+# tensorstore appends the whole JSON spec of the store (kilobytes) and C++ source locations to its errors.
+_TENSORSTORE_TAIL = re.compile(r"\s*\[(tensorstore_spec|source locations)=.*$")
+
+
 def _one_line(e: BaseException) -> str:
+    """The error's first line, whole (paths are never cut), without tensorstore's spec dump."""
     text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:200] if text else ''}"
+    return f"{type(e).__name__}: {_TENSORSTORE_TAIL.sub('', text[0]) if text else ''}"
 
 
 @contextlib.contextmanager

@@ -848,6 +848,30 @@ def imagenet_recipe(student: str, drop_path: float) -> mc.ConfigDict:
     return c
 
 
+# Other trainers' names for a word of ours (PyTorch's optimizers say learning_rate / lr).
+_WORD_SYNONYMS = {"learning_rate": "lr", "learningrate": "lr"}
+
+
+def nearest_names(name: str, options) -> list[str]:
+    """The valid names a mistyped `name` most likely meant, at most three, in schema order: a near spelling
+    ('batchsize' -> batch_size, 'teacher' -> teachers), else those holding every word of it ('lr' ->
+    base_lr, min_lr; 'warmup' -> warmup_epochs, warmup_steps), else a looser spelling, else those
+    containing it ('root' -> demo_root)."""
+    options = list(options)
+    name = _WORD_SYNONYMS.get(name.lower(), name)
+    words = set(name.lower().split("_")) - {""}
+    found = difflib.get_close_matches(name, options, n=1, cutoff=0.8)
+    found = found or [o for o in options if words and words <= set(o.lower().split("_"))]
+    found = found or difflib.get_close_matches(name, options, n=1)
+    found = found or [o for o in options if len(name) >= 2 and name.lower() in o.lower()]
+    return found[:3]
+
+
+def _either(names: list[str]) -> str:
+    quoted = [repr(n) for n in names]
+    return quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} or {quoted[-1]}"
+
+
 def unknown_field_message(config: mc.ConfigDict, dotted: str) -> str:
     """'config field X does not exist; did you mean Y?' for a dotted name; '' if X exists."""
     node, parts = config, dotted.split(".")
@@ -856,9 +880,12 @@ def unknown_field_message(config: mc.ConfigDict, dotted: str) -> str:
             node = node[part]
             continue
         options = list(node.keys()) if isinstance(node, mc.ConfigDict) else []
-        near = difflib.get_close_matches(part, options, n=1)
+        near = nearest_names(part, options)
         if not near:
             return f"config field {dotted!r} does not exist"
+        if len(near) > 1:  # several fit: name them all, each as a whole dotted name
+            names = [".".join(parts[:i] + [n]) for n in near]
+            return f"config field {dotted!r} does not exist; did you mean {_either(names)}?"
         guess = parts[:i] + near + parts[i + 1 :]
         if unknown_field_message(config, ".".join(guess)):  # the rest is wrong too: offer the part that fits
             guess = parts[:i] + near

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from dmt_jax import formats, storage
+from dmt_jax import formats, hub, storage
 from dmt_jax.errors import UserError, os_error_message
 from dmt_jax.formats import files
 from dmt_jax.models.vit import ACTIVATIONS
@@ -114,18 +114,26 @@ def _is_float(array) -> bool:
     return np.issubdtype(np.asarray(array).dtype, np.floating)
 
 
+# Options every format takes, how its input is prepared (the others: CheckpointFormat.options).
+_INPUT_OPTIONS = ("mean", "std", "input_resize")
+
+
 def convert_checkpoint(
-    src: str | os.PathLike,
+    src: str | os.PathLike | Mapping,
     out: str | os.PathLike,
     fmt: str = "auto",
     img_size: int | None = None,
     overwrite: bool = False,
     options: Mapping[str, Any] | None = None,
+    source_name: str | None = None,
 ) -> TeacherSpec:
     """Converts `src` into the teacher directory `out`; ConversionError (one line) on any bad input.
 
+    src: a checkpoint file, a name (timm:NAME, hf-hub:REPO, open_clip:MODEL/PRETRAINED, torchhub:NAME;
+    fetched by dmt_jax/hub.py), or a checkpoint's tensors already read.
     options: what the tensor shapes cannot tell, for the formats that take it (`act`, `num_heads`,
-    `mean`, `std`); None values mean the format's default."""
+    `ln_eps`; `mean`, `std`, `input_resize` for every format); None values mean the format's default.
+    source_name: where the weights came from, for the spec (default: the file's absolute path)."""
     out = storage.path(out) if storage.is_remote(out) else Path(out)  # gs://... stays a bucket path
     options = {k: v for k, v in (options or {}).items() if v is not None}
     if fmt != "auto" and fmt not in formats.FORMATS:
@@ -133,14 +141,23 @@ def convert_checkpoint(
     try:
         if not storage.is_remote(out):  # a bucket is checked by save_teacher
             check_writable(out, overwrite)  # before reading a large file
-        _say(f"reading {src}")
-        ckpt = read_checkpoint(src)
+        if not isinstance(src, Mapping) and hub.is_name(src):  # timm:NAME, hf-hub:REPO, ...: fetch it
+            _say(f"fetching {src}")
+            fetched = hub.fetch(os.fspath(src))
+            fmt = fetched.fmt if fmt == "auto" else fmt
+            options = {**fetched.options, **options}  # the user's options win over the library's
+            source_name, src = source_name or fetched.source, fetched.checkpoint
+        if isinstance(src, Mapping):
+            ckpt = src
+        else:
+            _say(f"reading {src}")
+            ckpt = read_checkpoint(src)
         guessed = fmt == "auto"
         fmt = formats.detect(ckpt) if fmt == "auto" else fmt
         source = formats.get(fmt)
         if guessed and source.guess and (why := source.guess(ckpt)):
             _say(f"format {fmt} is a guess ({why}): if it is another, convert again with --format NAME")
-        if refused := sorted(set(options) - set(source.options) - {"mean", "std"}):
+        if refused := sorted(set(options) - set(source.options) - set(_INPUT_OPTIONS)):
             takes = ", ".join("--" + o.replace("_", "-") for o in source.options) or "neither"
             raise ConversionError(
                 f"--{refused[0].replace('_', '-')} does not apply to --format {fmt} (it takes: {takes})"
@@ -195,8 +212,8 @@ def convert_checkpoint(
             config=config,
             mean=options.get("mean", inputs["mean"]),
             std=options.get("std", inputs["std"]),
-            input_resize=inputs["input_resize"],
-            source=str(Path(src).resolve()),
+            input_resize=options.get("input_resize", inputs["input_resize"]),
+            source=source_name or str(Path(src).resolve()),
             source_img_size=source_img_size,
             pos_embed_resize=resize,
         )
@@ -227,7 +244,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         epilog=_formats_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("src", help="checkpoint file: .pth, .pth.tar, .pt, .bin, .safetensors or .npz")
+    parser.add_argument(
+        "src",
+        help="checkpoint file (.pth, .pth.tar, .pt, .bin, .safetensors, .npz) or a name: timm:NAME, "
+        "hf-hub:ORG/REPO, open_clip:MODEL/PRETRAINED, torchhub:NAME (fetched through that library's hub "
+        "and cache; HF_HUB_OFFLINE=1: the caches only)",
+    )
     parser.add_argument("out", help="output directory (spec.json + params.safetensors); must not exist")
     parser.add_argument(
         "--format", default="auto", choices=["auto", *formats.DETECTION_ORDER], help="default: detect"

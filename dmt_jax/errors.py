@@ -6,6 +6,7 @@ it in the message.
 """
 
 import errno
+import os
 import re
 
 
@@ -47,7 +48,15 @@ def error_code(error: BaseException) -> int | None:
 
 
 def remedy(error: BaseException) -> str:
-    """What to do about a failed write ('free space', ...), by its error_code; '' if unknown."""
+    """What to do about a failed write ('free space', ...), by its error_code; '' if unknown. Under a GCS
+    emulator (STORAGE_EMULATOR_HOST), tensorstore's 'Malformed StorageGeneration' names the emulator."""
+    emulator = os.environ.get("STORAGE_EMULATOR_HOST")
+    if emulator and "Malformed StorageGeneration" in str(error):
+        return (
+            f"the GCS emulator at {emulator} sends no x-goog-generation header, which tensorstore needs to "
+            "read what it wrote (the stock gcp-storage-emulator does not): serve the bucket with "
+            "`python -m dmt_jax.storage_emulator` instead (README, Cloud storage)"
+        )
     return _REMEDIES.get(error_code(error), "")
 
 

@@ -85,7 +85,7 @@ class TeacherSpec:
     rule, and where it came from. The config's fields and properties read through the spec
     (spec.width, spec.depth, spec.grid, spec.num_tokens, spec.variant, ...)."""
 
-    format: str  # mae, mocov3, dino, ibot, dinov2, clip, openclip, siglip, ... (or a demo label)
+    format: str  # mae, mocov3, dino, ibot, dinov2, clip, openclip, siglip, ...; random or demo in process
     family: str  # a key of models.FAMILIES
     config: Any  # the family's config (ViTConfig, ...)
     mean: tuple[float, float, float] = IMAGENET_MEAN
@@ -538,9 +538,10 @@ def _check_images(images, img_size: int) -> None:
         )
 
 
-def make_random_teacher(variant: str, img_size: int, seed: int, fmt: str = "mae", **vit_kwargs) -> Teacher:
+def make_random_teacher(variant: str, img_size: int, seed: int, fmt: str = "random", **vit_kwargs) -> Teacher:
     """A ViT teacher with random weights from a fixed seed (demos, tests); `vit_kwargs` go to the ViT
-    (num_reg_tokens, no_embed_class, layerscale_init, class_token, pool, ...). Its mean/std are ImageNet's."""
+    (num_reg_tokens, no_embed_class, layerscale_init, class_token, pool, ...). Its mean/std are ImageNet's;
+    `fmt` is the name the run's summary gives it ('random'; 'demo' once trained on the demo dataset)."""
     model = ViT.from_variant(variant, img_size=img_size, output="features", **vit_kwargs)
     spec = TeacherSpec(format=fmt, family="vit", config=model.config, source=f"random(seed={seed})")
     key = ("init", spec.architecture, tuple(sorted(vit_kwargs.items())))

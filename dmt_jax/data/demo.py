@@ -23,6 +23,7 @@ import tensorflow as tf
 
 from dmt_jax import storage
 from dmt_jax.data.sources import DataError
+from dmt_jax.progress import Progress
 
 DEMO_SEED = 20240101
 _MARKER = "demo.json"
@@ -150,7 +151,7 @@ def make_demo_dataset(
         # A full disk: one line naming the dataset (not a file in its temporary folder), nothing left.
         with _removed_when_stopped(tmp), storage.named_write_errors(root):
             root.parent.mkdir(parents=True, exist_ok=True)
-            _write_images(tmp, spec)
+            _write_images(tmp, spec, f"generating the demo dataset in {root}")
             (tmp / _MARKER).write_text(json.dumps(spec, sort_keys=True))
             os.rename(tmp, root)
     except OSError:
@@ -161,8 +162,14 @@ def make_demo_dataset(
     return root
 
 
-def _write_images(tmp: Path, spec: dict) -> None:
+def _write_images(tmp: Path, spec: dict, what: str) -> None:
     splits = [("train", spec["per_class_train"]), ("val", spec["per_class_val"])]
+    images = spec["num_classes"] * (spec["per_class_train"] + spec["per_class_val"])
+    with Progress(what, total=images, unit="images") as progress:
+        _write_splits(tmp, spec, splits, progress)
+
+
+def _write_splits(tmp: Path, spec: dict, splits, progress: Progress) -> None:
     for split_index, (split, per_class) in enumerate(splits):
         for class_index, class_name in enumerate(list(CLASSES)[: spec["num_classes"]]):
             folder = tmp / split / f"{class_index:02d}_{class_name}"
@@ -174,6 +181,7 @@ def _write_images(tmp: Path, spec: dict) -> None:
                     (folder / f"{i:05d}.jpg").write_bytes(tf.io.encode_jpeg(image, quality=90).numpy())
                 else:
                     (folder / f"{i:05d}.png").write_bytes(tf.io.encode_png(image).numpy())
+            progress.update(per_class)
 
 
 class _Stopped(BaseException):
