@@ -42,9 +42,11 @@ PHI-S: Ranzinger et al. 2024; UNIC: naver/unic's main_unic.py defaults) and what
 - Heads. RADIO's MLP v2 (fc1, residual LayerNorm-GELU-Linear blocks, LayerNorm-GELU-Linear) for summary
   and dense, as RADIOv2.5's adaptors; hidden width the student's (768) and one residual block: our choice
   (the released adaptors' sizes were not read).
-- Normalization: PHI-S for every teacher, summary and dense (RADIOv2.5: PHI-S was "one of the major
-  algorithm updates behind the version 2.5 releases", RADIO's README); statistics from the first 100
-  steps, then frozen (ours; PHI-S estimates them once from the teachers' outputs).
+- Normalization: PHI-S on every teacher's dense features (RADIOv2.5: PHI-S was "one of the major algorithm
+  updates behind the version 2.5 releases", RADIO's README; RADIO's feature normalizer acts on the spatial
+  features), statistics from the first 100 steps, then frozen (ours; PHI-S estimates them once). Summary
+  targets as the teachers give them (summary_norm none): their loss is a cosine, and CLIP's and SigLIP's
+  vectors keep the geometry their text towers expect.
 - Loss. Summary: cosine (AM-RADIO). Dense: 0.9 cosine + 0.1 smooth-L1 (AM-RADIO, Theia); PHI-S studies its
   normalizations under an MSE feature loss, and smooth-L1 (beta 1) on PHI-S's unit-variance targets is MSE
   / 2 where the error is below 1. Every teacher weighted 1 (PHI-S balances them). The student's adapted
@@ -100,7 +102,10 @@ def radio_recipe(student: str, teachers, stages, total_steps: int, own_registers
     a.head_num_inner = 1
     a.per_teacher = {
         name: teacher_options(
-            norm="phi_s", summary_head="none" if name == "sam" else "mlp_v2", dense_head="mlp_v2"
+            norm="phi_s",
+            summary_norm="none",
+            summary_head="none" if name == "sam" else "mlp_v2",
+            dense_head="mlp_v2",
         )
         for name in (entry.split("=", 1)[0] for entry in teachers)
     }

@@ -222,7 +222,7 @@ def export_agglomerative(
     flat = flatten_params(params["heads"])
     tensors, description = {}, {}
     for t in targets:
-        one = {"norm": t.norm}
+        one = {}
         for kind, dim in (("summary", t.summary_dim), ("dense", t.dense_dim)):
             one[kind] = None
             if dim:
@@ -252,11 +252,12 @@ def head_export(target, kind: str, weights: dict, stats: Mapping, norm_eps: floa
     from dmt_jax.objective import normalize
 
     head_kind = target.summary_head if kind == "summary" else target.dense_head
-    foldable = target.norm != "layernorm"  # a per-token LayerNorm is no affine map: it cannot fold
+    norm = target.summary_norm if kind == "summary" else target.norm
+    foldable = norm != "layernorm"  # a per-token LayerNorm is no affine map: it cannot fold
     if foldable:
         last = LAST_LINEAR[head_kind]
         kernel, bias = normalize.fold_into_linear(
-            target.norm, stats.get(kind, {}), weights[f"{last}/kernel"], weights[f"{last}/bias"], norm_eps
+            norm, stats.get(kind, {}), weights[f"{last}/kernel"], weights[f"{last}/bias"], norm_eps
         )
         weights = {**weights, f"{last}/kernel": np.asarray(kernel), f"{last}/bias": np.asarray(bias)}
     tensors = {
@@ -271,6 +272,7 @@ def head_export(target, kind: str, weights: dict, stats: Mapping, norm_eps: floa
         hidden_dim=None if hidden is None else int(hidden),
         num_inner=sum(1 for p in weights if p.endswith("/kernel") and p.startswith(("inner_", "blocks_"))),
         ln_eps=heads_lib.TORCH_LN_EPS if head_kind in ("mlp_v1", "mlp_v2") else heads_lib.DMT_LN_EPS,
+        norm=norm,
         target="teacher" if foldable else "layernorm",
     )
     return tensors, description

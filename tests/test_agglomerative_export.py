@@ -22,7 +22,7 @@ from dmt_jax.errors import UserError
 from dmt_jax.export_heads_torch import load_heads
 from dmt_jax.objective import align, normalize
 
-BATCH = 8
+BATCH = 16
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -41,17 +41,21 @@ def tiny_run_config():
         "eva=random:mu/4@48:4",
     )
     c.agglomerative.per_teacher = {
-        "dino": teacher_options(norm="phi_s"),
+        "dino": teacher_options(norm="phi_s", summary_norm="phi_s"),
         "sam": teacher_options(norm="standardize", summary_head="none", dense_head="mlp_v1"),
-        "clip": teacher_options(norm="layernorm", summary_head="mlp", dense_head="ln_linear"),
-        "eva": teacher_options(norm="none", summary_head="linear", dense_head="mlp_v2"),
+        "clip": teacher_options(
+            norm="layernorm", summary_norm="layernorm", summary_head="mlp", dense_head="ln_linear"
+        ),
+        "eva": teacher_options(
+            norm="none", summary_norm="standardize", summary_head="linear", dense_head="mlp_v2"
+        ),
     }
-    c.agglomerative.phi_s_steps = 2
+    c.agglomerative.phi_s_steps = 5  # 5 x 16 summary vectors: more than their 64 channels
     c.agglomerative.head_num_inner = 2
     c.agglomerative.head_hidden_dim = 96
     c.teacher_dtype = c.dtype = "float32"
     c.batch_size = BATCH
-    c.total_steps = 4
+    c.total_steps = 5
     c.warmup_steps = 1
     c.base_lr = 3e-2  # large, so that every parameter moves far from its initialization
     c.fsdp_min_size = 1000
@@ -60,7 +64,7 @@ def tiny_run_config():
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """(setup, host state, export directory) after 4 steps, exported as the loop exports at the end."""
+    """(setup, host state, export directory) after 5 steps, exported as the loop exports at the end."""
     config = tiny_run_config()
     mesh = parallel.make_mesh(1, 1, devices=jax.devices()[:1])
     setup = train.build(config, mesh)
@@ -118,14 +122,15 @@ def test_pytorch_heads_equal_the_jax_student(trained):
                 assert kind not in ours_torch[name]
                 continue
             jax_out = np.asarray(preds[name][kind])
-            if t.norm != "layernorm":  # the exported head predicts the teacher's own features
-                jax_out = np.asarray(normalize.denormalize(t.norm, jax_out, stats[name].get(kind, {})))
+            norm = t.summary_norm if kind == "summary" else t.norm
+            if norm != "layernorm":  # the exported head predicts the teacher's own features
+                jax_out = np.asarray(normalize.denormalize(norm, jax_out, stats[name].get(kind, {})))
             torch_out = ours_torch[name][kind].numpy()
             assert torch_out.shape == jax_out.shape, (name, kind)
             err = np.linalg.norm(torch_out - jax_out) / np.linalg.norm(jax_out)
-            print(f"{name} {kind} ({t.norm}, {getattr(t, kind + '_head')}): relative error {err:.2e}")
+            print(f"{name} {kind} ({norm}, {getattr(t, kind + '_head')}): relative error {err:.2e}")
             assert err <= 1e-4, (name, kind, err)
-            compared.append((name, kind, t.norm))
+            compared.append((name, kind, norm))
             if kind == "dense":
                 resampled = np.asarray(align.resample(jax_out, 12, t.grid))
                 err = np.linalg.norm(on_teacher_grid[name][kind].numpy() - resampled) / np.linalg.norm(
@@ -145,10 +150,10 @@ def test_heads_metadata_describes_each_head(trained):
     assert meta["heads_format"] == export.HEADS_FORMAT
     heads, student = json.loads(meta["heads"]), json.loads(meta["student"])
     assert student["num_prefix_tokens"] == 4 and student["img_size"] == 48 and student["patch_size"] == 4
-    assert heads["sam"]["summary"] is None and heads["sam"]["norm"] == "standardize"
+    assert heads["sam"]["summary"] is None and heads["dino"]["summary"]["norm"] == "phi_s"
     assert heads["sam"]["dense"] | {"hidden_dim": 0} == dict(
-        kind="mlp_v1", in_dim=64, out_dim=64, hidden_dim=0, num_inner=2, ln_eps=1e-5, target="teacher",
-        teacher_grid=[12, 12],
+        kind="mlp_v1", in_dim=64, out_dim=64, hidden_dim=0, num_inner=2, ln_eps=1e-5, norm="standardize",
+        target="teacher", teacher_grid=[12, 12],
     )  # fmt: skip
     assert heads["clip"]["summary"]["target"] == "layernorm" and heads["clip"]["summary"]["token"] == 0
     assert heads["eva"]["summary"]["token"] == 2 and heads["dino"]["dense"]["kind"] == "mlp_v2"
