@@ -417,6 +417,9 @@ def fingerprint(teacher: Teacher) -> str:
     digest = hashlib.sha256()
     digest.update(json.dumps(teacher.spec.fingerprint_fields(), sort_keys=True).encode())
     for name, value in sorted(flatten_params(teacher.params).items()):
+        if isinstance(value, jax.ShapeDtypeStruct):  # an abstract teacher (no weights): its shapes
+            digest.update(f"{name}{value.shape} abstract".encode())
+            continue
         array = np.ascontiguousarray(np.asarray(value, np.float32))
         digest.update(f"{name}{array.shape}".encode())
         digest.update(array.tobytes())
@@ -612,9 +615,14 @@ class TeacherStack:
             )
             # Stack on the host, cast once; the stack keeps no device copy: train.build places these
             # shard by shard on the mesh (parallel.place_from_host) and then drops them.
-            trees = [jax.tree.map(np.asarray, teachers[i].params) for i in members]
-            params.append(jax.tree.map(lambda *xs: np.stack(xs).astype(self.dtype), *trees))
+            trees = [jax.tree.map(_host_or_abstract, teachers[i].params) for i in members]
+            params.append(jax.tree.map(self._stack, *trees))
         self.params = tuple(params)
+
+    def _stack(self, *leaves):
+        if isinstance(leaves[0], jax.ShapeDtypeStruct):  # abstract teachers: shapes only (bench/)
+            return jax.ShapeDtypeStruct((len(leaves), *leaves[0].shape), self.dtype)
+        return np.stack(leaves).astype(self.dtype)
 
     @property
     def widths(self) -> list[int]:
@@ -688,6 +696,12 @@ class TeacherStack:
             for j, i in enumerate(group.members):
                 outputs[i] = jax.lax.stop_gradient(jax.tree.map(lambda a, j=j: a[j], out))
         return outputs
+
+
+def _host_or_abstract(x):
+    """A parameter on the host, or its ShapeDtypeStruct as it is: a teacher of the right shapes without
+    weights lowers and compiles the training step (bench/recipe_memory.py), nothing allocated."""
+    return x if isinstance(x, jax.ShapeDtypeStruct) else np.asarray(x)
 
 
 def _select(features: Features, keep) -> jax.Array:
