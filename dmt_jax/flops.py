@@ -5,8 +5,11 @@ interpolation einsums of resampling and image resizes). Not counted: elementwise
 activations, softmax, the optimizer update), which XLA's cost analysis adds: a few % at widths of 256
 and up (tests/test_flops.py), 5-6% for SAM (its relative-position bias).
 
-- DMT's step (`step_flops`): teachers over all their tokens (`vit_flops`), student and heads 3x (forward
-  and backward) over CLS + the visible patches; the count bench/torch_reference.py uses, unchanged.
+- DMT's step (`step_flops`): teachers over all their tokens (`vit_flops`; EVA and SAM teachers by their
+  own `forward_flops`), student and heads 3x (forward and backward) over CLS + the visible patches; the
+  count bench/torch_reference.py uses, unchanged for ViT teachers. It overstates the masked step by the
+  teachers' last blocks, which run their queries and MLP only at CLS + the visible patches (5% of three
+  B/16 teachers at mask 0.75: bench/RESULTS.md), kept for comparability with earlier figures.
 - Each teacher family's forward at its config's img_size (`forward_flops`): the ViT family with its
   summary head (MAP pool, projection), EVA-02 with its SwiGLU (three mlp_dim x width matrices), SAM with
   its windows, relative positions and neck.
@@ -46,9 +49,15 @@ def vit_flops(width: int, depth: int, tokens: int, patch: int, mlp_dim: int | No
 def step_flops(student, teachers, num_visible: int, head_widths, head_in: int) -> float:
     """Per-image FLOPs of one DMT step: teacher forwards + student forward/backward (3x) + heads (3x).
 
-    student / teachers: dicts with width, depth, patch_size, mlp_dim, tokens (teachers: all tokens).
+    student / teachers: dicts with width, depth, patch_size, mlp_dim, tokens (teachers: all tokens); a
+    teacher of another family than the ViT: a dict with its `flops` (forward_flops).
     """
-    t = sum(vit_flops(x["width"], x["depth"], x["tokens"], x["patch_size"], x["mlp_dim"]) for x in teachers)
+    t = sum(
+        x["flops"]
+        if "flops" in x
+        else vit_flops(x["width"], x["depth"], x["tokens"], x["patch_size"], x["mlp_dim"])
+        for x in teachers
+    )
     s = 3 * vit_flops(
         student["width"], student["depth"], num_visible + 1, student["patch_size"], student["mlp_dim"]
     )

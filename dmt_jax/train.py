@@ -246,17 +246,14 @@ class Setup:
         if self.targets is not None:
             stages = stage_sizes(self.config) or ((0, self.config.img_size),)
             if step is not None:
-                return self.agglomerative_flops(
-                    max((s for s in stages if s[0] <= step), default=stages[0])[1]
-                )
+                return self.agglomerative_flops([px for start, px in stages if start <= step][-1])
             ends = [start for start, _ in stages[1:]] + [self.steps]
-            lengths = [max(min(end, self.steps) - min(start, self.steps), 0)
-                       for (start, _), end in zip(stages, ends, strict=True)]  # fmt: skip
-            if not sum(lengths):
-                return self.agglomerative_flops(stages[0][1])
-            return sum(
-                n * self.agglomerative_flops(px) for n, (_, px) in zip(lengths, stages, strict=True)
-            ) / sum(lengths)
+            lengths = [
+                max(min(end, self.steps) - start, 0) for (start, _), end in zip(stages, ends, strict=True)
+            ]
+            counts = [self.agglomerative_flops(px) for _, px in stages]
+            weighted = sum(n * f for n, f in zip(lengths, counts, strict=True))
+            return weighted / sum(lengths) if sum(lengths) else counts[0]
         enc = self.student.encoder
         student = dict(width=enc.width, depth=enc.depth, patch_size=enc.patch_size, mlp_dim=enc.mlp_dim)
         teachers = [
@@ -267,6 +264,8 @@ class Setup:
                 mlp_dim=spec.mlp_dim,
                 tokens=spec.num_tokens,
             )  # fmt: skip
+            if spec.family == "vit"
+            else dict(flops=flops.forward_flops(spec.family, spec.config))
             for spec in self.stack.specs
         ]
         visible = objective.num_visible(self.num_patches, self.config.mask_ratio)
