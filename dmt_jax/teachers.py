@@ -588,7 +588,9 @@ class TeacherStack:
     matmul; different families and sizes run one after another. `stack.params` is that stacked tree on
     the host (numpy): place it on the devices, pass it into the jitted step and call
     `stack.apply(params, pixels, keep)` (the DMT objective's tokens) or `stack.features(params, pixels)`
-    (each teacher's Features at its own resolution and normalization) inside it.
+    (each teacher's Features at its own resolution and normalization) inside it. A teacher built to
+    `follow` the student runs at the student's size given to `features(params, pixels, px)` instead, in
+    a group of its own (its tables are resized in the step; one compile per px).
     """
 
     def __init__(
