@@ -498,8 +498,14 @@ BASE_SCHEMA = {
     "evaluate": Field(True, "False: no k-NN / probe / alignment at all, not even at the end", boolean),
     "knn_k": Field(20, "neighbours of the k-NN classifier", integer(at_least(1))),
     "knn_temperature": Field(0.07, "temperature of the k-NN vote weights", positive),
-    "linear_probe_steps": Field(
-        300, "full-batch steps of a softmax probe on the k-NN splits; 0: no probe", integer(non_negative)
+    "linear_probe_epochs": Field(
+        150,
+        "epochs of the softmax probe (minibatch AdamW, lr 1e-2, cosine) on the k-NN bank; 0: no probe. "
+        "150 x batch 256 matches a 300-step full-batch probe within 0.5 points on the demo",
+        integer(non_negative),
+    ),
+    "linear_probe_batch_size": Field(
+        256, "bank rows per linear-probe step, all devices together (at most the bank)", integer(positive)
     ),
     "eval_batch_size": Field(
         256, "images per evaluation batch, rounded up to a multiple of the device count", integer(positive)
@@ -567,7 +573,14 @@ DATA_SCHEMA = {
     "crop_scale": Field(
         (0.2, 1.0), "random-resized-crop area range (fractions of the image)", range_pair(0, 1)
     ),
-    "crop_ratio": Field((3 / 4, 4 / 3), "random-resized-crop aspect-ratio range", range_pair(0, None)),
+    "crop_ratio": Field(
+        (3 / 4, 4 / 3), "random-resized-crop aspect-ratio range (sampled log-uniform)", range_pair(0, None)
+    ),
+    "interpolation": Field(
+        "bilinear",
+        "resizing of training crops and evaluation images, antialiased as PIL's: bilinear | bicubic",
+        one_of("bilinear", "bicubic"),
+    ),
     "eval_crop_fraction": Field(
         0.875,
         "center crop of evaluation images (resize to img_size / it, then crop)",
@@ -650,8 +663,6 @@ def agglomerative_problems(c: mc.ConfigDict, entries: list[str]) -> list[str]:
 
 def consistency_problems(c: mc.ConfigDict) -> list[str]:
     """Problems between fields of a distillation config (each field alone passed its own check)."""
-    from dmt_jax.models.vit import parse_variant
-
     problems = []
     entries = [e for e in c.teachers if e]
     if not entries:
@@ -668,17 +679,29 @@ def consistency_problems(c: mc.ConfigDict) -> list[str]:
             f"--config.teacher_weights has {len(c.teacher_weights)} entries for "
             f"{len(entries)} teachers: give one per teacher, or () for equal weights"
         )
-    if not vit_variant(c.student.variant):
-        patch = parse_variant(c.student.variant)["patch_size"]
+    return problems + shared_consistency_problems(c, "student.variant", c.evaluate, stages=c.stages)
+
+
+def shared_consistency_problems(
+    c: mc.ConfigDict, variant_field: str, needs_eval: bool, stages=()
+) -> list[str]:
+    """The checks between fields both entry points have: image size (and resolution `stages`) and patch,
+    min_lr and the peak, the distributed fields, the profile window, the folders a folder dataset needs."""
+    from dmt_jax.models.vit import parse_variant
+
+    problems = []
+    variant = _get(c, variant_field)
+    if not vit_variant(variant):
+        patch = parse_variant(variant)["patch_size"]
         if c.img_size % patch:
             problems.append(
-                f"--config.img_size={c.img_size} is not a multiple of the student's patch size "
-                f"{patch} ({c.student.variant})"
+                f"--config.img_size={c.img_size} is not a multiple of the {variant_field.split('.')[0]}'s "
+                f"patch size {patch} ({variant})"
             )
-        if bad := [px for _, px in c.stages if px % patch]:
+        if bad := [px for _, px in stages if px % patch]:
             problems.append(
                 f"--config.stages: student sizes {bad} are not multiples of its patch size {patch} "
-                f"({c.student.variant})"
+                f"({variant})"
             )
     if c.batch_size > 0 and c.base_lr > 0 and c.min_lr > c.base_lr * c.batch_size / 256:
         problems.append(f"--config.min_lr={c.min_lr} is above the peak lr base_lr * batch_size / 256")
@@ -694,12 +717,17 @@ def consistency_problems(c: mc.ConfigDict) -> list[str]:
             f"--config.profile_steps={tuple(c.profile_steps)} ends after total_steps={c.total_steps}"
         )
     if c.data.source == "folder":
-        needed = ["folder_train"] + (["folder_eval"] if c.evaluate else [])
+        needed = ["folder_train"] + (["folder_eval"] if needs_eval else [])
         if missing := [f"data.{n}" for n in needed if not c.data[n]]:
             problems.append(
                 f"--config.data.source='folder' needs {' and '.join(missing)}: folders of class folders"
             )
     return problems
+
+
+def finetune_consistency_problems(c: mc.ConfigDict) -> list[str]:
+    """Problems between fields of a fine-tuning config (it always evaluates on the validation split)."""
+    return shared_consistency_problems(c, "model.variant", needs_eval=True)
 
 
 def duplicate_teachers(entries) -> list[str]:
@@ -721,12 +749,29 @@ def duplicate_teachers(entries) -> list[str]:
     return found
 
 
-# ---------------------------------------------------------------- fine-tuning (dmt_jax/finetune.py)
+# ---------------------------------------------------------------- fine-tuning (dmt_jax/finetune/)
 
 
 def _default(name: str, value, schema: Mapping = BASE_SCHEMA) -> Field:
     """A distillation field with another default: the fields both loops share keep one meaning and check."""
     return dataclasses.replace(schema[name], default=value)
+
+
+def _reworded(name: str, meaning: str) -> Field:
+    """A data field with the fine-tuning's own meaning in --help (same default and check)."""
+    return dataclasses.replace(DATA_SCHEMA[name], help=meaning)
+
+
+# What the data fields mean to a fine-tuning (it trains on the training split and measures top-1/top-5 on
+# the validation split; the k-NN memory-bank fields are not read).
+FINETUNE_DATA_HELP = {
+    "train_split": "tfds split fine-tuned on",
+    "knn_train_split": "not read by fine-tuning (the distillation's k-NN memory bank)",
+    "knn_eval_split": "tfds validation split (top-1/top-5, center crop)",
+    "folder_train": "folder of class subfolders fine-tuned on (source=folder)",
+    "folder_knn_train": "not read by fine-tuning (the distillation's k-NN memory bank)",
+    "folder_eval": "folder of class subfolders of the validation split (source=folder)",
+}
 
 
 # Defaults: MAE's ViT-B/16 fine-tuning recipe (He et al. 2022, Table 9 / main_finetune.py); the
@@ -752,6 +797,12 @@ FINETUNE_SCHEMA = {
             one_of("avg", "token"),
         ),
         "head_init_std": Field(2e-5, "std of the classifier's initial weights (MAE: 2e-5)", positive),
+        "residual_dtype": Field(
+            "float32",
+            "dtype of the residual stream (and position embeddings); '': the matmuls' `dtype`. float32, "
+            "as MAE's autocast keeps it, fine-tuned the demo as well as bfloat16 (bench/RESULTS.md)",
+            one_of("", "float32", "bfloat16"),
+        ),
     },
     "num_classes": Field(
         -1, "classes of the classifier; -1: those of the training set", integer(at_least(1, or_=(-1,)))
@@ -791,9 +842,11 @@ FINETUNE_SCHEMA = {
     # folder_eval is the validation split (center crop).
     "data": {
         **DATA_SCHEMA,
+        **{name: _reworded(name, meaning) for name, meaning in FINETUNE_DATA_HELP.items()},
         "crop_scale": _default("crop_scale", (0.08, 1.0), DATA_SCHEMA),
         "randaugment": _default("randaugment", "rand-m9-mstd0.5-inc1", DATA_SCHEMA),
         "random_erasing": _default("random_erasing", 0.25, DATA_SCHEMA),
+        "interpolation": _default("interpolation", "bicubic", DATA_SCHEMA),
     },
     "checkpoint_every": BASE_SCHEMA["checkpoint_every"],
     "keep_checkpoints": BASE_SCHEMA["keep_checkpoints"],

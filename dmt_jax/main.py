@@ -11,7 +11,8 @@ field, the devices, the dataset, the teachers and the workdir, and reports every
 Exit codes: 0 done or stopped by SIGTERM/SIGINT after a checkpoint; 1 the run failed (a non-finite
 loss under nonfinite='stop', a checkpoint that could not be written at the end, a full or read-only
 disk, each said in one line; or a bug, with its traceback); 2 a mistake in the command, the config or
-the files it names (a dmt_jax.errors.UserError), one line per problem.
+the files it names (a dmt_jax.errors.UserError), one line per problem; 130 a second Ctrl-C (one line,
+the partial checkpoint removed, no new checkpoint).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ _HELP_ARGS = ("-h", "--help", "-help", "--helpshort", "--helpfull", "-?")
 _ENVIRONMENT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)
 
 _flags = {}  # defined by run(), not at import: config_flags reads the recipe as soon as it is defined
-# What run() starts: the distillation by default; dmt_jax/finetune.py passes its own recipe, schema and loop.
+# What run() starts: the distillation by default; finetune/cli.py passes its own recipe, schema and loop.
 _entry = {"default_config": _REPO_DEMO, "schema": None, "train": None, "fields": None, "check": None}
 
 
@@ -60,6 +61,12 @@ def main(argv):
         else:
             parallel.initialize_distributed(config.distributed)
         (_entry["train"] or loop.train_and_evaluate)(config, workdir)
+    except KeyboardInterrupt:  # a second Ctrl-C: the run has removed its partial checkpoint
+        print(
+            "interrupted: stopped without a new checkpoint; run again to resume from the newest",
+            file=sys.stderr,
+        )
+        _exit_now(130)
     except UserError as e:
         _user_error(*e.problems)
     except OSError as e:
@@ -67,6 +74,18 @@ def main(argv):
             raise
         print(f"error: {os_error_message(e)}", file=sys.stderr, flush=True)
         sys.exit(1)
+    from dmt_jax import runner
+
+    if runner.must_exit_now():  # a stop left a compile running: a normal exit would abort under it
+        _exit_now(0)
+
+
+def _exit_now(code: int):
+    """Ends the process at once (no interpreter teardown: background threads may be inside XLA or orbax)."""
+    logging.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def run(argv=None, *, default_config: str = _REPO_DEMO, schema=None, train=None, fields=None, check=None):
@@ -202,7 +221,7 @@ def _print_help(full: bool):
     from dmt_jax import config as config_lib
 
     spec = getattr(sys.modules["__main__"], "__spec__", None)
-    module = spec.name if spec else "dmt_jax.main"
+    module = spec.name.removesuffix(".__main__") if spec else "dmt_jax.main"
     default = os.path.relpath(_entry["default_config"])
     lines = [
         f"usage: python -m {module} --config=RECIPE --workdir=DIR [--config.FIELD=VALUE ...]",

@@ -8,6 +8,10 @@ JSON API from memory (or from --data-dir). Two changes make it serve a run:
 - a client that hangs up before its answer is written (gcsfs and tensorstore do, on retries and at
   exit) is not a server error: no traceback for each one.
 
+- it honours GCS's generation preconditions (`ifGenerationMatch` on a write or a delete: 412 when the
+  object's generation differs, '0' meaning "only if absent"), the compare-and-swap the workdir lock of
+  a gs:// workdir is built on (dmt_jax/workdir_lock.py).
+
 It prints one line (where it serves, and the variable a run needs), then serves until Ctrl-C or
 SIGTERM. Every process of a run started with `STORAGE_EMULATOR_HOST=http://localhost:PORT` then reads
 and writes `gs://BUCKET/...` there (dmt_jax/storage.py derives every other setting from that variable).
@@ -65,6 +69,42 @@ def _send_generation_headers(server, objects) -> None:
                 handlers[method] = download
 
 
+def _honour_generation_preconditions(server, objects) -> None:
+    """Real GCS writes or deletes an object only if its generation is `ifGenerationMatch` and answers 412
+    otherwise; the emulator ignores the parameter (once per process; requests are served one at a time,
+    so the check and the write are one step)."""
+    from http import HTTPStatus
+
+    def guarded(original):
+        if getattr(original, "honours_preconditions", False):
+            return original
+
+        def handler(request, response, storage, *args, **kwargs):
+            wanted = request.query.get("ifGenerationMatch")
+            if wanted:
+                name = request.params.get("object_id") or (request.query.get("name") or [""])[0]
+                try:
+                    current = str(storage.get_file_obj(request.params["bucket_name"], name)["generation"])
+                except Exception:  # noqa: BLE001 - the emulator's NotFound: no object, generation 0
+                    current = "0"
+                if current != str(wanted[0]):
+                    response.status = HTTPStatus.PRECONDITION_FAILED
+                    return None
+            return original(request, response, storage, *args, **kwargs)
+
+        handler.honours_preconditions = True
+        return handler
+
+    for name in ("insert", "delete"):
+        original = getattr(objects, name)
+        replacement = guarded(original)
+        setattr(objects, name, replacement)
+        for _, handlers in server.HANDLERS:
+            for method, handler in handlers.items():
+                if handler is original:
+                    handlers[method] = replacement
+
+
 class _HTTPServer(http_server.HTTPServer):
     """One request at a time (the emulator's storage is not thread-safe), quiet about hang-ups."""
 
@@ -81,6 +121,7 @@ class Emulator:
     def __init__(self, host: str = "localhost", port: int = 0, buckets=(DEFAULT_BUCKET,), data_dir=None):
         server, bucket_handlers, objects, Storage = _emulator()
         _send_generation_headers(server, objects)
+        _honour_generation_preconditions(server, objects)
         # The emulator logs every request at INFO and each handler failure at ERROR with the request:
         # the failures are answered to the client (which says what failed); the rest is noise.
         logging.getLogger("gcp_storage_emulator").setLevel(logging.CRITICAL)

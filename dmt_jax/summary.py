@@ -34,16 +34,8 @@ def describe_schedule(s: dict) -> str:
 
 def describe_run(setup, train_source) -> str:
     """Dataset, teachers, student, schedule (steps, epochs, warmup, peak lr), devices and mesh."""
-    import jax
-
-    c, d = setup.config, setup.config.data
-    images = len(train_source)
-    where = {
-        "demo": f"demo dataset in {d.demo_root}",
-        "tfds": f"tfds {d.tfds_name}, split {d.train_split}",
-        "folder": f"image folder {d.folder_train}",
-    }[d.source]
-    lines = [f"data: {where}: {images:,} images, {train_source.num_classes} classes"]
+    c = setup.config
+    lines = [data_line(c, train_source)]
     entries = [e for e in c.teachers if e]
     for k, (entry, spec) in enumerate(zip(entries, setup.stack.specs, strict=True)):
         lines.append(
@@ -61,11 +53,28 @@ def describe_run(setup, train_source) -> str:
             lines.append(f"target {t.name}: {summary}, {dense}, norm {t.norm}")
         stages = ", ".join(f"{px} px from step {start}" for start, px in c.stages) or f"{c.img_size} px"
         lines.append(f"agglomerative: views of {setup.view_size} px; student at {stages}")
-    lines.append(describe_schedule(schedule(setup, images)))
-    mesh = dict(setup.mesh.shape)
-    kind = jax.devices()[0].device_kind
-    lines.append(
-        f"devices: {jax.device_count()} x {kind} in {jax.process_count()} process(es); "
-        f"mesh data={mesh['data']} x fsdp={mesh['fsdp']}"
-    )
+    lines += [describe_schedule(schedule(setup, len(train_source))), devices_line(setup.mesh)]
     return "\n".join(lines)
+
+
+def data_line(c, train_source) -> str:
+    """'data: WHERE: N images, K classes' (both entry points' summaries)."""
+    d = c.data
+    where = {
+        "demo": f"demo dataset in {d.demo_root}",
+        "tfds": f"tfds {d.tfds_name}, split {d.train_split}",
+        "folder": f"image folder {d.folder_train}",
+    }[d.source]
+    return f"data: {where}: {len(train_source):,} images, {train_source.num_classes} classes"
+
+
+def devices_line(mesh) -> str:
+    """'devices: N x KIND in P process(es); mesh data=D x fsdp=F' (both entry points' summaries)."""
+    import jax
+
+    shape = dict(mesh.shape)
+    kind = jax.devices()[0].device_kind
+    return (
+        f"devices: {jax.device_count()} x {kind} in {jax.process_count()} process(es); "
+        f"mesh data={shape['data']} x fsdp={shape['fsdp']}"
+    )

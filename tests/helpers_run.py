@@ -70,6 +70,45 @@ def tiny_config(demo_root, **overrides):
     return config
 
 
+FINETUNE_TINY = {
+    "init": "",
+    "total_steps": 16,
+    "batch_size": 16,
+    "checkpoint_every": 4,
+    "log_every": 2,
+    "eval_every": 0,
+    "eval_batch_size": 40,
+    "export_at_end": False,
+    "data.demo_per_class_train": 8,
+    "data.demo_per_class_val": 4,
+}
+
+
+def finetune_args(workdir, demo_root, **overrides) -> list[str]:
+    """A tiny fine-tuning of configs/finetune_demo.py (random init); overrides use '__' for '.'."""
+    fields = dict(FINETUNE_TINY, **{"data.demo_root": str(demo_root)})
+    fields.update({k.replace("__", "."): v for k, v in overrides.items()})
+    return [f"--config={REPO / 'configs' / 'finetune_demo.py'}", f"--workdir={workdir}"] + [
+        f"--config.{k}={v}" for k, v in fields.items()
+    ]
+
+
+def finetune_config(demo_root, **overrides):
+    """The run of finetune_args as a config object, for in-process runs of finetune.finetune."""
+    import runpy
+
+    config = runpy.run_path(str(REPO / "configs" / "finetune_demo.py"))["get_config"]()
+    fields = dict(FINETUNE_TINY, **{"data.demo_root": str(demo_root)})
+    fields.update({k.replace("__", "."): v for k, v in overrides.items()})
+    for dotted, value in fields.items():
+        *parents, leaf = dotted.split(".")
+        node = config
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return config
+
+
 def _literal(text: str):
     import ast
 

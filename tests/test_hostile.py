@@ -317,20 +317,6 @@ def test_workdir_lock_names_the_holder_and_dies_with_it(tmp_path):
     WorkdirLock(tmp_path).acquire().release()
 
 
-def test_object_lock_for_stores_without_flock(tmp_path, monkeypatch):
-    from dmt_jax import workdir_lock
-
-    monkeypatch.setattr(time, "sleep", lambda s: None)
-    first = WorkdirLock(tmp_path, use_object=True).acquire()
-    with pytest.raises(WorkdirLocked, match=f"pid {os.getpid()}"):
-        WorkdirLock(tmp_path, use_object=True).acquire()
-    first.release()
-    assert not (tmp_path / workdir_lock.LOCK_OBJECT).exists()
-    stale = dict(first.holder, heartbeat=time.time() - 2 * workdir_lock.STALE_S)  # a run that died
-    (tmp_path / workdir_lock.LOCK_OBJECT).write_text(json.dumps(stale))
-    WorkdirLock(tmp_path, use_object=True).acquire().release()
-
-
 def test_second_run_on_a_busy_workdir_is_refused(tmp_path):
     workdir = tmp_path / "run"
     with WorkdirLock(workdir):

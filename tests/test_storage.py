@@ -79,7 +79,7 @@ def test_a_whole_run_in_the_bucket(bucket, tmp_path):
         checkpoint_every=2,
         evaluate=True,
         eval_every=100,
-        linear_probe_steps=5,
+        linear_probe_epochs=5,
         export_at_end=True,
         log_example_ids=False,
     )
