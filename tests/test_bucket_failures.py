@@ -67,9 +67,8 @@ def test_buckets_that_do_not_answer_are_named_within_the_bound(no_answer):
 def test_a_fine_tuning_names_a_silent_bucket_of_its_init_in_one_line(no_answer, monkeypatch, tmp_path):
     import runpy
 
-    from tests.helpers_run import REPO
-
     from dmt_jax.finetune import cli
+    from tests.helpers_run import REPO
 
     monkeypatch.setattr(storage, "REACH_TIMEOUT_S", 3.0)
     config = runpy.run_path(str(REPO / "configs" / "finetune_demo.py"))["get_config"]()

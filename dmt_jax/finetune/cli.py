@@ -15,8 +15,9 @@ _REPO_CONFIG = os.path.join(_REPO, "configs")
 def check_run(config, workdir: str) -> None:
     """The validation pass of a fine-tuning (validate.py's checks that apply), before anything is built:
     every field in its range and the fields against each other, the devices, the buckets it names (each
-    answers within a bound), the training and validation data, the init (it exists and is not the workdir itself), the workdir. What needs the files read (the
-    init's tensors, the data's classes) is checked when they are read, before anything is written."""
+    answers within a bound), the training and validation data, the init (it exists and is not the workdir
+    itself), the workdir. What needs the files read (the init's tensors, the data's classes) is checked
+    when they are read, before anything is written."""
     from dmt_jax import config as config_lib
     from dmt_jax import validate
 
