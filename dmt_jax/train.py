@@ -108,20 +108,26 @@ def parse_teacher_entry(entry: str) -> tuple[str, str, int, int] | None:
     return m.group(1), m.group(2), int(m.group(3)), int(m.group(4))
 
 
-def build_student(config, head_widths) -> objective.Student:
-    dtype = jnp.dtype(config.dtype)
+def student_encoder(config, num_reg_tokens: int) -> ViT:
+    """The student's ViT from `config.student` (both objectives; the agglomerative one adds summary tokens
+    to the registers)."""
     s = config.student
-    encoder = ViT(
+    return ViT(
         **parse_variant(s.variant),
         img_size=config.img_size,
-        num_reg_tokens=s.num_reg_tokens,
+        num_reg_tokens=num_reg_tokens,
         layerscale_init=s.layerscale_init if s.layerscale_init > 0 else None,
         pos_embed=s.pos_embed,
         drop_path=s.drop_path,
-        dtype=dtype,
+        dtype=jnp.dtype(config.dtype),
         attention=config.attention,
         remat=config.remat,
     )
+
+
+def build_student(config, head_widths) -> objective.Student:
+    dtype = jnp.dtype(config.dtype)
+    encoder = student_encoder(config, config.student.num_reg_tokens)
     heads = objective.Heads(tuple(head_widths), config.head, config.head_mlp_ratio, dtype)
     return objective.Student(encoder, heads)
 
@@ -581,17 +587,7 @@ def build_agglomerative_student(config, targets) -> agg.AgglomerativeStudent:
     dtype = jnp.dtype(config.dtype)
     s, a = config.student, config.agglomerative
     arch = parse_variant(s.variant)
-    encoder = ViT(
-        **arch,
-        img_size=config.img_size,
-        num_reg_tokens=agg.student_register_tokens(targets, s.num_reg_tokens),
-        layerscale_init=s.layerscale_init if s.layerscale_init > 0 else None,
-        pos_embed=s.pos_embed,
-        drop_path=s.drop_path,
-        dtype=dtype,
-        attention=config.attention,
-        remat=config.remat,
-    )
+    encoder = student_encoder(config, agg.student_register_tokens(targets, s.num_reg_tokens))
     hidden = a.head_hidden_dim if a.head_hidden_dim > 0 else arch["width"]
     heads = TeacherHeads(agg.head_specs(targets), hidden, a.head_num_inner, config.head_mlp_ratio, dtype)
     return agg.AgglomerativeStudent(encoder, heads)
