@@ -28,11 +28,15 @@ import ml_collections as mc
 
 @dataclasses.dataclass(frozen=True)
 class Field:
-    """One config field: its default, one line of meaning (--help), and its range check."""
+    """One config field: its default, one line of meaning (--help), and its range check.
+
+    `entries`: a keyed block (e.g. per teacher name): the value maps names to blocks of these Fields,
+    each field optional (absent: its default); checked, listed in --help and read through `entry`."""
 
     default: Any
     help: str
     check: Callable[[Any], str] = lambda value: ""  # value -> '' if fine, else what it must be
+    entries: Mapping | None = None
 
 
 def to_config(schema: Mapping) -> mc.ConfigDict:
@@ -56,20 +60,63 @@ def field_problems(config: mc.ConfigDict, schema: Mapping) -> list[str]:
     problems = []
     for name, spec in schema_fields(schema):
         value = _get(config, name)
-        try:
-            why = spec.check(value)
-        except (TypeError, ValueError) as e:  # a value of another type than the check expects
-            why = f"not a valid value ({e})"
-        if why:
+        if spec.entries is not None:
+            problems += _entry_problems(name, value, spec.entries)
+            continue
+        if why := _check(spec, value):
             problems.append(f"--config.{name}={_show(value)}: {why}")
     return problems
 
 
 def help_lines(schema: Mapping) -> list[str]:
-    """One line per field, 'name = default  meaning' (for --help)."""
-    rows = [(name, _show(spec.default), spec.help) for name, spec in schema_fields(schema)]
+    """One line per field, 'name = default  meaning' (for --help); a keyed block's fields as NAME.field."""
+    rows = []
+    for name, spec in schema_fields(schema):
+        rows.append((name, _show(spec.default), spec.help))
+        for sub_name, sub_spec in schema_fields(spec.entries or {}):
+            rows.append((f"{name}.NAME.{sub_name}", _show(sub_spec.default), sub_spec.help))
     width = max(len(f"{name} = {default}") for name, default, _ in rows)
     return [f"  {f'{name} = {default}':<{width}}  {meaning}" for name, default, meaning in rows]
+
+
+KEY_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
+
+
+def _entry_problems(name: str, value, entries: Mapping) -> list[str]:
+    """Problems of a keyed block: names that are no identifiers, unknown fields, values out of range."""
+    if not isinstance(value, Mapping | mc.ConfigDict):
+        return [f"--config.{name}={_show(value)}: must be a dict of {{NAME: {{field: value}}}}"]
+    problems = []
+    known = dict(schema_fields(entries))
+    for key, block in value.items():
+        where = f"{name}.{key}"
+        if not KEY_NAME.fullmatch(str(key)):
+            problems.append(f"--config.{where}: {key!r} must be a name (letters, digits, _)")
+        if not isinstance(block, Mapping | mc.ConfigDict):
+            problems.append(f"--config.{where}={_show(block)}: must be a dict of fields")
+            continue
+        for field in block:
+            if field not in known:
+                near = difflib.get_close_matches(field, list(known), n=1)
+                hint = f"; did you mean {near[0]!r}?" if near else f" (fields: {', '.join(known)})"
+                problems.append(f"config field {where}.{field!r} does not exist{hint}")
+        for field, spec in known.items():
+            if field in block and (why := _check(spec, block[field])):
+                problems.append(f"--config.{where}.{field}={_show(block[field])}: {why}")
+    return problems
+
+
+def _check(spec: Field, value) -> str:
+    try:
+        return spec.check(value)
+    except (TypeError, ValueError) as e:  # a value of another type than the check expects
+        return f"not a valid value ({e})"
+
+
+def entry(config_block, key: str, entries: Mapping) -> mc.ConfigDict:
+    """One block of a keyed field with every field filled in (the schema's default where absent)."""
+    given = config_block[key] if config_block is not None and key in config_block else {}
+    return mc.ConfigDict({f: given.get(f, spec.default) for f, spec in schema_fields(entries)})
 
 
 def _get(config, dotted: str):
@@ -183,9 +230,35 @@ def randaugment_spec(v) -> str:
     return "" if ok else "must be '' or timm's RandAugment string, e.g. 'rand-m9-mstd0.5-inc1'"
 
 
+def weight_pair(v) -> str:
+    """(cosine, smooth-L1) loss weights: two non-negative numbers, not both 0."""
+    ok = isinstance(v, list | tuple) and len(v) == 2 and all(_finite(w) and w >= 0 for w in v)
+    return "" if ok and sum(v) > 0 else "must be (cosine weight, smooth-L1 weight), >= 0, not both 0"
+
+
+def momentum_pair(v) -> str:
+    ok = isinstance(v, list | tuple) and len(v) == 2 and all(_finite(m) and 0 <= m <= 1 for m in v)
+    return "" if ok else "must be (start, end), each in [0, 1]"
+
+
+def stage_list(v) -> str:
+    """() or ((0, px), (step, px), ...): steps increasing from 0, sizes positive integers."""
+    ok = isinstance(v, list | tuple) and all(
+        isinstance(s, list | tuple) and len(s) == 2 and all(_is_int(x) for x in s) for s in v
+    )
+    ok = ok and (not v or (v[0][0] == 0 and all(a[0] < b[0] for a, b in zip(v, v[1:], strict=False))))
+    ok = ok and all(px > 0 for _, px in v)
+    return "" if ok else "must be () or ((0, px), (step, px), ...) with increasing steps, the first 0"
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 positive = at_least(0, exclusive=True)
 non_negative = at_least(0)
 DTYPES = one_of("float32", "bfloat16", "float16")
+HEAD_KINDS = ("mlp_v2", "mlp_v1", "mlp", "ln_linear", "linear")  # objective/heads.py
 
 
 # ---------------------------------------------------------------- the distillation schema
@@ -237,6 +310,83 @@ BASE_SCHEMA = {
     "target_norm_eps": Field(
         1e-6, "epsilon of the per-token normalization of the teachers' targets", positive
     ),
+    # The agglomerative objective (issue 16; METHOD.md "Beyond DMT"): options of the one objective.
+    "objective": Field(
+        "dmt",
+        "dmt (METHOD.md 3-7) | agglomerative (per teacher NAME=ENTRY: summary and dense targets on its "
+        "own grid, the agglomerative.* fields; RADIO, UNIC, Theia)",
+        one_of("dmt", "agglomerative"),
+    ),
+    "stages": Field(
+        (),
+        "agglomerative: ((0, px), (step, px), ...) the student's input size from each step on, its "
+        "position table (img_size's grid) resized per stage, one compile each; (): img_size throughout",
+        stage_list,
+    ),
+    "agglomerative": {
+        "resample": Field(
+            "student_to_teacher",
+            "grid matching: student_to_teacher (the student's adapted features, bilinear, RADIO) | "
+            "teacher_to_student (required with mask_ratio > 0: compared at the visible patches)",
+            one_of("student_to_teacher", "teacher_to_student"),
+        ),
+        "summary_loss": Field(
+            (1.0, 0.0),
+            "(cosine, smooth-L1) weights of the summary loss (RADIO: (1, 0); UNIC: (0.5, 0.5))",
+            weight_pair,
+        ),
+        "dense_loss": Field(
+            (0.9, 0.1),
+            "(cosine, smooth-L1) weights of the dense loss (AM-RADIO, Theia: (0.9, 0.1); UNIC: (0.5, 0.5))",
+            weight_pair,
+        ),
+        "teacher_drop": Field(
+            0.0,
+            "per image, each teacher but its highest-loss one is dropped with this probability (UNIC: 0.5)",
+            between(0, 1, high_open=True),
+        ),
+        "phi_s_steps": Field(
+            100,
+            "norm=phi_s: steps whose features estimate mean and covariance, then frozen",
+            integer(positive),
+        ),
+        "standardize_momentum": Field(
+            (1.0, 0.001),
+            "norm=standardize: (start, end) weight of each batch in the running statistics, cosine (UNIC)",
+            momentum_pair,
+        ),
+        "head_hidden_dim": Field(
+            -1,
+            "hidden width of the mlp_v1 / mlp_v2 heads; -1: the student's width",
+            integer(at_least(1, or_=(-1,))),
+        ),
+        "head_num_inner": Field(
+            1, "inner layers (mlp_v1) or residual blocks (mlp_v2) of the MLP heads", integer(non_negative)
+        ),
+        "per_teacher": Field(
+            {},
+            "options of teacher NAME (NAME=ENTRY in teachers; a teacher absent here gets the defaults)",
+            entries={
+                "summary_head": Field(
+                    "mlp_v2",
+                    "summary adaptor on the teacher's summary token | none (no summary target, e.g. SAM)",
+                    one_of(*HEAD_KINDS, "none"),
+                ),
+                "dense_head": Field(
+                    "mlp_v2",
+                    "dense adaptor on the student's patch tokens | none",
+                    one_of(*HEAD_KINDS, "none"),
+                ),
+                "norm": Field(
+                    "layernorm",
+                    "target normalization: none | layernorm (DMT's) | standardize (UNIC) | phi_s (RADIOv2.5)",
+                    one_of("none", "layernorm", "standardize", "phi_s"),
+                ),
+                "summary_weight": Field(1.0, "weight of this teacher's summary loss", non_negative),
+                "dense_weight": Field(1.0, "weight of this teacher's dense loss", non_negative),
+            },
+        ),
+    },
     # Optimization (METHOD.md 8).
     "batch_size": Field(4096, "global batch size (a multiple of the device count)", integer(positive)),
     "epochs": Field(
@@ -425,6 +575,61 @@ def data_config() -> mc.ConfigDict:
     return to_config(DATA_SCHEMA)
 
 
+TEACHER_BLOCK = BASE_SCHEMA["agglomerative"]["per_teacher"].entries
+
+
+def teacher_options(**overrides) -> dict:
+    """A recipe's block for one teacher of agglomerative.per_teacher: every field (so each can be set
+    with --config.agglomerative.per_teacher.NAME.FIELD=...), the schema's defaults unless overridden."""
+    if unknown := sorted(set(overrides) - set(TEACHER_BLOCK)):
+        raise ValueError(f"unknown per-teacher fields {unknown}; fields: {', '.join(TEACHER_BLOCK)}")
+    return {name: overrides.get(name, spec.default) for name, spec in TEACHER_BLOCK.items()}
+
+
+def split_teacher_name(entry: str) -> tuple[str | None, str]:
+    """'clip=teachers/clip_l14' -> ('clip', 'teachers/clip_l14'); an entry without a name -> (None, entry)."""
+    m = re.fullmatch(r"([A-Za-z][A-Za-z0-9_]*)=(.+)", entry)
+    return (m.group(1), m.group(2)) if m else (None, entry)
+
+
+def agglomerative_problems(c: mc.ConfigDict, entries: list[str]) -> list[str]:
+    """Problems of the agglomerative fields against the rest (every field alone passed its check)."""
+    problems = []
+    names = [split_teacher_name(e)[0] for e in entries]
+    if c.objective != "agglomerative":
+        if c.stages:
+            problems.append("--config.stages needs --config.objective=agglomerative (DMT: one grid)")
+        if c.agglomerative.per_teacher:
+            problems.append(
+                "--config.agglomerative.per_teacher is read only with --config.objective=agglomerative"
+            )
+        return problems
+    if unnamed := [e for e, n in zip(entries, names, strict=True) if n is None]:
+        problems.append(
+            f"--config.teachers: name every teacher of an agglomerative run, NAME=ENTRY (e.g. "
+            f"'clip=teachers/clip_l14'): {', '.join(map(repr, unnamed))} has no name"
+        )
+    named = [n for n in names if n]
+    if dup := sorted({n for n in named if named.count(n) > 1}):
+        problems.append(f"--config.teachers: teacher names must be unique, {', '.join(dup)} repeated")
+    if stray := sorted(set(c.agglomerative.per_teacher) - set(named)):
+        problems.append(
+            f"--config.agglomerative.per_teacher names {', '.join(stray)}, which no teacher entry has "
+            f"(teachers: {', '.join(named) or 'none named'})"
+        )
+    if c.teacher_weights:
+        problems.append(
+            "--config.teacher_weights is DMT's: an agglomerative run weighs each teacher with "
+            "agglomerative.per_teacher.NAME.summary_weight and dense_weight"
+        )
+    if c.mask_ratio > 0 and c.agglomerative.resample != "teacher_to_student":
+        problems.append(
+            f"--config.mask_ratio={c.mask_ratio} masks the student's patches: its dense features exist only "
+            "at the visible ones, so set --config.agglomerative.resample=teacher_to_student (or mask_ratio=0)"
+        )
+    return problems
+
+
 def consistency_problems(c: mc.ConfigDict) -> list[str]:
     """Problems between fields of a distillation config (each field alone passed its own check)."""
     from dmt_jax.models.vit import parse_variant
@@ -433,6 +638,7 @@ def consistency_problems(c: mc.ConfigDict) -> list[str]:
     entries = [e for e in c.teachers if e]
     if not entries:
         problems.append("--config.teachers names no teacher: give converted teacher directories")
+    problems += agglomerative_problems(c, entries)
     if c.teacher_weights and len(c.teacher_weights) != len(entries):
         problems.append(
             f"--config.teacher_weights has {len(c.teacher_weights)} entries for "
@@ -444,6 +650,11 @@ def consistency_problems(c: mc.ConfigDict) -> list[str]:
             problems.append(
                 f"--config.img_size={c.img_size} is not a multiple of the student's patch size "
                 f"{patch} ({c.student.variant})"
+            )
+        if bad := [px for _, px in c.stages if px % patch]:
+            problems.append(
+                f"--config.stages: student sizes {bad} are not multiples of its patch size {patch} "
+                f"({c.student.variant})"
             )
     if c.batch_size > 0 and c.base_lr > 0 and c.min_lr > c.base_lr * c.batch_size / 256:
         problems.append(f"--config.min_lr={c.min_lr} is above the peak lr base_lr * batch_size / 256")
@@ -619,13 +830,21 @@ def unknown_field_message(config: mc.ConfigDict, dotted: str) -> str:
     return ""
 
 
-def unknown_fields(config: mc.ConfigDict, schema: mc.ConfigDict) -> list[str]:
+def keyed_fields(schema: Mapping) -> set[str]:
+    """Dotted names of the keyed blocks of a schema (their entries are checked by field_problems)."""
+    return {name for name, spec in schema_fields(schema) if spec.entries is not None}
+
+
+def unknown_fields(config: mc.ConfigDict, schema: mc.ConfigDict, keyed=None) -> list[str]:
     """One unknown_field_message per field of config that schema lacks (a typo in a recipe file)."""
+    keyed = keyed_fields(BASE_SCHEMA) if keyed is None else keyed
 
     def walk(node, schema_node, prefix):
         for key, value in node.items():
             if key not in schema_node:
                 yield unknown_field_message(schema, prefix + key)
+            elif prefix + key in keyed:
+                continue  # names of the user's choosing, checked by field_problems
             elif isinstance(value, mc.ConfigDict) and isinstance(schema_node[key], mc.ConfigDict):
                 yield from walk(value, schema_node[key], prefix + key + ".")
 

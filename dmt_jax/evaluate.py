@@ -36,16 +36,47 @@ def make_eval_fns(setup):
         return [t[:, 0].astype(jnp.float32) for t in stack.apply(teacher_params, pixels)]
 
     @jax.jit
-    def alignment(params, teacher_params, pixels):
+    def alignment(state, teacher_params, pixels):
         keep = objective.keep_indices(
             jax.random.PRNGKey(1234), pixels.shape[0], setup.num_patches, cfg.mask_ratio
         )
+        if setup.targets is not None:  # agglomerative: per teacher (by name), its dense features
+            return agglomerative_alignment(setup, state, teacher_params, pixels, images_of(pixels), keep)
         tokens = stack.apply(teacher_params, pixels)
         targets = objective.teacher_targets(tokens, stack.num_reg_tokens, keep, cfg.target_norm_eps)
-        preds = student.apply({"params": params}, images_of(pixels), keep)
+        preds = student.apply({"params": state.params}, images_of(pixels), keep)
         return jnp.stack(objective.alignment_per_example(preds, targets, stack.widths), axis=1)
 
     return dict(student=student_features, teachers=teacher_features, alignment=alignment)
+
+
+def agglomerative_alignment(setup, state, teacher_params, pixels, images, keep):
+    """[B, K]: per image and teacher (in config.teachers order), the mean cosine between the student's
+    dense head and the teacher's normalized dense targets (its statistics as trained, not updated)."""
+    from dmt_jax import train
+    from dmt_jax.objective import agglomerative as agg
+    from dmt_jax.objective import align, losses
+
+    cfg, specs = setup.config, setup.targets
+    keep = keep if cfg.mask_ratio > 0 else None
+    grid = cfg.img_size // setup.student.encoder.patch_size
+    names = train.teacher_names(cfg)
+    features = agg.stack_features(setup.stack, names, teacher_params, pixels)
+    options = train.agglomerative_options(cfg, setup.steps)
+    targets, _ = agg.make_targets(
+        specs, features, state.stats, options, student_grid=(grid, grid), keep=keep, update=False
+    )
+    preds = setup.student.apply({"params": state.params}, images, keep)
+    out = {}
+    for t in specs:
+        if not t.dense_dim:
+            out[t.name] = jnp.full((pixels.shape[0],), jnp.nan, jnp.float32)
+            continue
+        dense = preds[t.name]["dense"]
+        if keep is None and options.resample == "student_to_teacher":
+            dense = align.resample(dense, grid, t.grid)
+        out[t.name] = 1.0 - losses.cosine_distance(dense, targets[t.name]["dense"]).mean(-1)
+    return jnp.stack([out[n] for n in names], axis=1)
 
 
 def collect(fn, batches: Iterable[dict], mesh, *args):

@@ -206,9 +206,7 @@ def run_eval(setup, state, fns, cache: dict, step: int) -> dict[str, float]:
                 top1 = evaluate.linear_probe_top1(a, y_train, b, y_test, cfg.linear_probe_steps)
                 cache["teachers"][f"linear_probe_top1/teacher_{k}"] = top1
     out.update(cache["teachers"])
-    align, _ = evaluate.collect(
-        fns["alignment"], batches("knn_eval"), mesh, state.params, setup.teacher_params
-    )
+    align, _ = evaluate.collect(fns["alignment"], batches("knn_eval"), mesh, state, setup.teacher_params)
     for k, v in enumerate(np.asarray(align).mean(0)):
         out[f"alignment/teacher_{k}"] = float(v)
     return out
@@ -349,7 +347,7 @@ def resume_or_start(setup, ckpt, train_source, workdir: str, fingerprints=()):
         config.data,
         train_source,
         global_batch=config.batch_size,
-        img_size=config.img_size,
+        img_size=setup.view_size or config.img_size,  # the largest teacher's or stage's size, agglomerative
         seed=config.seed,
         process_index=jax.process_index(),
         process_count=jax.process_count(),

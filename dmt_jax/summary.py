@@ -27,6 +27,13 @@ def describe_run(setup, train_source) -> str:
     lines.append(
         f"student: {c.student.variant} at {c.img_size} px, {grid}x{grid} grid, mask ratio {c.mask_ratio}"
     )
+    if setup.targets:  # agglomerative: what each teacher is distilled into
+        for t in setup.targets:
+            summary = f"summary {t.summary_head} x{t.summary_weight:g}" if t.summary_dim else "no summary"
+            dense = f"dense {t.dense_head} x{t.dense_weight:g}" if t.dense_dim else "no dense target"
+            lines.append(f"target {t.name}: {summary}, {dense}, norm {t.norm}")
+        stages = ", ".join(f"{px} px from step {start}" for start, px in c.stages) or f"{c.img_size} px"
+        lines.append(f"agglomerative: views of {setup.view_size} px; student at {stages}")
     steps_per_epoch = images / c.batch_size
     warmup = train.warmup_steps(c, setup.steps, steps_per_epoch)
     peak, epochs = c.base_lr * c.batch_size / 256, setup.steps / steps_per_epoch

@@ -4,6 +4,11 @@
 the optimizer, a jitted `step(state, teacher_params, batch) -> (state, metrics)` with explicit
 shardings and a donated state, and `init_state(rng)` that creates the state directly in its
 sharded layout. The loop itself is in loop.py.
+
+One step function serves both objectives: DMT's (the default, exactly as before) and the
+agglomerative one (objective='agglomerative', dmt_jax/objective/agglomerative.py), whose state also
+carries the target normalization's statistics and whose resolution stages each get their own
+compiled step (`StagedStep`).
 """
 
 from __future__ import annotations
@@ -19,8 +24,13 @@ import jax.numpy as jnp
 import optax
 
 from dmt_jax import flops, objective, parallel, storage
+from dmt_jax.config import TEACHER_BLOCK as BLOCK_FIELDS
+from dmt_jax.config import entry as config_entry
+from dmt_jax.config import split_teacher_name
 from dmt_jax.errors import UserError
 from dmt_jax.models.vit import ViT, parse_variant
+from dmt_jax.objective import agglomerative as agg
+from dmt_jax.objective import align
 from dmt_jax.teachers import TeacherStack, fingerprint, load_teacher, make_random_teacher
 
 
@@ -32,14 +42,26 @@ class TrainState:
     rng: jax.Array  # raw uint32 key data, so checkpoints hold a plain array
 
 
-def build_teachers(entries, img_size: int, student_patch: int, data_config=None) -> list:
-    """Teacher entries -> Teachers: converted directories, 'random:VARIANT@PX:SEED' (random weights),
-    or 'demo:VARIANT@PX:SEED' (trained in process on the demo dataset; see demo_teachers.py).
+@flax.struct.dataclass
+class StatsTrainState(TrainState):
+    """The agglomerative objective's state: also the target normalization's statistics, per teacher name
+    (objective/normalize.py). Updated inside the step, checkpointed, never given to the optimizer. DMT
+    keeps TrainState, so its checkpoints keep their layout."""
 
-    Each teacher must produce the student's patch grid; a /14 teacher is converted for 196 px
-    (`dmt-convert --img-size 196`) when the student is /16 at 224 px.
+    stats: Any = None
+
+
+def build_teachers(
+    entries, img_size: int, student_patch: int, data_config=None, same_grid: bool = True
+) -> list:
+    """Teacher entries -> Teachers: converted directories, 'random:VARIANT@PX:SEED' (random weights),
+    or 'demo:VARIANT@PX:SEED' (trained in process on the demo dataset; see demo_teachers.py), each
+    optionally named, NAME=ENTRY.
+
+    With same_grid (DMT), each teacher must produce the student's patch grid; a /14 teacher is
+    converted for 196 px (`dmt-convert --img-size 196`) when the student is /16 at 224 px.
     """
-    entries = [e for e in entries if e]
+    entries = [split_teacher_name(e)[1] for e in entries if e]
     if not entries:
         raise UserError("no teachers configured: set --config.teachers to converted teacher directories")
     grid = img_size // student_patch
@@ -61,7 +83,7 @@ def build_teachers(entries, img_size: int, student_patch: int, data_config=None)
                 )
             teacher = load_teacher(entry)
         t_grid = teacher.spec.img_size // teacher.spec.patch_size
-        if t_grid != grid:
+        if same_grid and t_grid != grid:
             px = grid * teacher.spec.patch_size
             raise UserError(
                 f"teacher {entry!r} has a {t_grid}x{t_grid} patch grid but the student has {grid}x{grid}: "
@@ -207,6 +229,8 @@ class Setup:
     abstract_state: Any  # ShapeDtypeStructs with the mesh's shardings (checkpoint restore target)
     teacher_params: Any  # placed on the mesh
     teacher_fingerprints: list = dataclasses.field(default_factory=list)  # teachers.fingerprint, in order
+    view_size: int = 0  # side of the training views (the input pipeline's img_size)
+    targets: tuple | None = None  # agglomerative: the teachers' agg.TeacherTarget, in name order
 
     @property
     def num_patches(self) -> int:
@@ -232,10 +256,14 @@ class Setup:
 
 def build(config, mesh, num_train_examples: int | None = None, teachers=None) -> Setup:
     student_patch = parse_variant(config.student.variant)["patch_size"]
+    aggl = config.objective == "agglomerative"
     if teachers is None:
-        teachers = build_teachers(config.teachers, config.img_size, student_patch, config.data)
+        teachers = build_teachers(
+            config.teachers, config.img_size, student_patch, config.data, same_grid=not aggl
+        )
     stack = TeacherStack(teachers, dtype=jnp.dtype(config.teacher_dtype), attention=config.attention)
-    student = build_student(config, stack.widths)
+    specs = teacher_targets(config, stack) if aggl else None
+    student = build_agglomerative_student(config, specs) if aggl else build_student(config, stack.widths)
     steps = total_steps(config, num_train_examples)
     steps_per_epoch = num_train_examples / config.batch_size if num_train_examples else 1.0
     tx, schedule = make_optimizer(config, steps, steps_per_epoch)
@@ -243,61 +271,124 @@ def build(config, mesh, num_train_examples: int | None = None, teachers=None) ->
     num_patches = (config.img_size // student_patch) ** 2
     if config.nonfinite not in ("stop", "skip"):
         raise UserError(f"nonfinite must be 'stop' or 'skip', got {config.nonfinite!r}")
+    options = agglomerative_options(config, steps) if aggl else None
+    stages = stage_sizes(config)
+    view = view_size(config, stack)
 
     def init_fn(rng):
         r_params, r_state = jax.random.split(rng)
         images = jnp.zeros((1, config.img_size, config.img_size, 3), jnp.float32)
         keep = objective.keep_indices(r_params, 1, num_patches, config.mask_ratio)
         params = student.init(r_params, images, keep)["params"]
+        if aggl:
+            return StatsTrainState(
+                jnp.zeros((), jnp.int32), params, tx.init(params), r_state, agg.init_stats(specs)
+            )
         return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), r_state)
 
     init_state, state_shardings, abstract_state = sharded_init(init_fn, mesh, config.fsdp_min_size)
 
-    def step_fn(state: TrainState, teacher_params, batch):
-        rng = jax.random.fold_in(state.rng, state.step)
-        r_mask, r_drop = jax.random.split(rng)
-        pixels = batch["image"]
-        keep = objective.keep_indices(r_mask, pixels.shape[0], num_patches, config.mask_ratio)
-        # With keep, each teacher already returns only CLS + the visible patches (its last block is cheaper).
-        tokens = stack.apply(teacher_params, pixels, keep)
-        targets = objective.teacher_targets(tokens, [0] * len(tokens), None, config.target_norm_eps)
-        images = objective.normalize_pixels(
-            pixels, objective.IMAGENET_MEAN, objective.IMAGENET_STD, jnp.dtype(config.dtype)
-        )
+    def make_step_fn(px: int):
+        """The step at a student input of px (the stage's; img_size without stages)."""
+        grid = px // student_patch
+        num_patches = grid * grid
+        model = student if px == config.img_size else student_at(student, px)
 
-        def loss_fn(params):
-            preds = student.apply({"params": params}, images, keep, train=True, rngs={"dropout": r_drop})
-            return objective.distill_loss(
-                preds,
-                targets,
-                stack.widths,
-                weights,
-                kind=config.loss,
-                beta=config.smooth_l1_beta,
-                cls_weight=config.cls_weight,
+        def step_fn(state: TrainState, teacher_params, batch):
+            rng = jax.random.fold_in(state.rng, state.step)
+            r_mask, r_drop = jax.random.split(rng)
+            pixels = batch["image"]
+            keep = objective.keep_indices(r_mask, pixels.shape[0], num_patches, config.mask_ratio)
+            if not aggl:  # DMT (METHOD.md 3-7)
+                # With keep, each teacher returns only CLS + the visible patches (its last block is cheaper).
+                tokens = stack.apply(teacher_params, pixels, keep)
+                targets = objective.teacher_targets(tokens, [0] * len(tokens), None, config.target_norm_eps)
+                images = objective.normalize_pixels(
+                    pixels, objective.IMAGENET_MEAN, objective.IMAGENET_STD, jnp.dtype(config.dtype)
+                )
+                params_of = lambda params: params
+
+                def loss_of(preds):
+                    total, per_teacher = objective.distill_loss(
+                        preds,
+                        targets,
+                        stack.widths,
+                        weights,
+                        kind=config.loss,
+                        beta=config.smooth_l1_beta,
+                        cls_weight=config.cls_weight,
+                    )
+                    return total, {f"loss_teacher_{k}": v for k, v in enumerate(per_teacher)}
+
+            else:  # agglomerative: each teacher on its own grid, targets keyed by name
+                keep = keep if config.mask_ratio > 0 else None
+                features = agg.stack_features(stack, names, teacher_params, pixels)
+                goal, stats = agg.make_targets(
+                    specs,
+                    features,
+                    state.stats,
+                    options,
+                    student_grid=(grid, grid),
+                    keep=keep,
+                    step=state.step,
+                )
+                images = objective.normalize_pixels(
+                    resize_view(pixels, px),
+                    objective.IMAGENET_MEAN,
+                    objective.IMAGENET_STD,
+                    jnp.dtype(config.dtype),
+                )
+                params_of = lambda params: with_position_table(params, config.img_size // student_patch, grid)
+                r_teachers = jax.random.fold_in(rng, 2)  # teacher dropping's own draws
+
+                def loss_of(preds):
+                    return agg.objective_loss(
+                        specs, preds, goal, r_teachers, options, student_grid=(grid, grid), keep=keep
+                    )
+
+            def loss_fn(params):
+                variables = {"params": params_of(params)}
+                preds = model.apply(variables, images, keep, train=True, rngs={"dropout": r_drop})
+                return loss_of(preds)
+
+            (loss, per_teacher), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+            params, opt_state, finite, grad_norm = guarded_update(
+                tx, grads, loss, state.params, state.opt_state
             )
+            metrics = {
+                "loss": loss,
+                "grad_norm": grad_norm,
+                "lr": schedule(state.step),
+                "nonfinite": 1 - finite.astype(jnp.int32),
+                **per_teacher,
+            }
+            new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+            if aggl:  # statistics of a non-finite step are not kept either
+                new_state = new_state.replace(
+                    stats=jax.tree.map(lambda n, o: jnp.where(finite, n, o), stats, state.stats)
+                )
+            return new_state, metrics
 
-        (loss, per_teacher), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        params, opt_state, finite, grad_norm = guarded_update(tx, grads, loss, state.params, state.opt_state)
-        metrics = {
-            "loss": loss,
-            "grad_norm": grad_norm,
-            "lr": schedule(state.step),
-            "nonfinite": 1 - finite.astype(jnp.int32),
-            **{f"loss_teacher_{k}": v for k, v in enumerate(per_teacher)},
-        }
-        return TrainState(state.step + 1, params, opt_state, state.rng), metrics
+        return step_fn
 
+    names = teacher_names(config)
     teacher_shardings = parallel.tree_shardings(stack.params, mesh, config.fsdp_min_size, skip_leading=1)
     teacher_params = parallel.place_from_host(stack.params, teacher_shardings)
     stack.params = None  # the placed shards are the only copy kept for the run
     batch_shardings = {"image": parallel.batch_sharding(mesh)}
-    step = jax.jit(
-        step_fn,
-        in_shardings=(state_shardings, teacher_shardings, batch_shardings),
-        out_shardings=(state_shardings, parallel.replicated(mesh)),
-        donate_argnums=(0,),
-    )
+
+    def compiled(px):
+        return jax.jit(
+            make_step_fn(px),
+            in_shardings=(state_shardings, teacher_shardings, batch_shardings),
+            out_shardings=(state_shardings, parallel.replicated(mesh)),
+            donate_argnums=(0,),
+        )
+
+    if stages:
+        step = StagedStep([start for start, _ in stages], [compiled(px) for _, px in stages])
+    else:
+        step = compiled(config.img_size)
     return Setup(
         config,
         mesh,
@@ -312,4 +403,152 @@ def build(config, mesh, num_train_examples: int | None = None, teachers=None) ->
         abstract_state,
         teacher_params,
         [fingerprint(t) for t in teachers],  # checkpoints record them (run_record.py)
+        view,
+        specs,
     )
+
+
+# ---------------------------------------------------------------- the agglomerative objective's parts
+
+
+def teacher_names(config) -> list[str]:
+    return [split_teacher_name(e)[0] for e in config.teachers if e]
+
+
+def teacher_targets(config, stack) -> tuple[agg.TeacherTarget, ...]:
+    """Per teacher (by name): its target widths and grid, read off the shapes of its features at its own
+    resolution, and its options (config.agglomerative.per_teacher, defaults for a teacher absent there)."""
+    names = teacher_names(config)
+    if None in names:
+        raise UserError("an agglomerative run names every teacher: --config.teachers=\"('clip=DIR', ...)\"")
+    pixels = jax.ShapeDtypeStruct((1, max(stack_sizes(stack)), max(stack_sizes(stack)), 3), jnp.uint8)
+    shapes = jax.eval_shape(lambda p, x: agg.stack_features(stack, names, p, x), stack.params, pixels)
+    blocks = config.agglomerative.per_teacher
+    out = []
+    for name, spec in zip(names, stack.specs, strict=True):
+        o = config_entry(blocks, name, BLOCK_FIELDS)
+        f = shapes[name]
+        summary = o.summary_head != "none" and f.summary is not None
+        out.append(
+            agg.TeacherTarget(
+                name=name,
+                summary_dim=int(f.summary.shape[-1]) if summary else None,
+                dense_dim=int(f.patches.shape[-1]) if o.dense_head != "none" else None,
+                grid=(spec.grid, spec.grid),
+                norm=o.norm,
+                summary_head=o.summary_head,
+                dense_head=o.dense_head,
+                summary_weight=float(o.summary_weight),
+                dense_weight=float(o.dense_weight),
+            )
+        )
+    return tuple(out)
+
+
+def stack_sizes(stack) -> list[int]:
+    return [spec.img_size for spec in stack.specs]
+
+
+def agglomerative_options(config, steps: int) -> agg.Options:
+    a = config.agglomerative
+    return agg.Options(
+        resample=a.resample,
+        summary_loss=tuple(float(w) for w in a.summary_loss),
+        dense_loss=tuple(float(w) for w in a.dense_loss),
+        smooth_l1_beta=float(config.smooth_l1_beta),
+        teacher_drop=float(a.teacher_drop),
+        norm_eps=float(config.target_norm_eps),
+        momentum=tuple(float(m) for m in a.standardize_momentum),
+        phi_s_steps=int(a.phi_s_steps),
+        total_steps=steps,
+    )
+
+
+def build_agglomerative_student(config, targets) -> agg.AgglomerativeStudent:
+    """The ViT with one summary token per teacher that has a summary (then its own registers) and the
+    teachers' heads, keyed by name."""
+    from dmt_jax.objective.heads import TeacherHeads
+
+    dtype = jnp.dtype(config.dtype)
+    s, a = config.student, config.agglomerative
+    arch = parse_variant(s.variant)
+    encoder = ViT(
+        **arch,
+        img_size=config.img_size,
+        num_reg_tokens=agg.student_register_tokens(targets, s.num_reg_tokens),
+        layerscale_init=s.layerscale_init if s.layerscale_init > 0 else None,
+        pos_embed=s.pos_embed,
+        drop_path=s.drop_path,
+        dtype=dtype,
+        attention=config.attention,
+        remat=config.remat,
+    )
+    hidden = a.head_hidden_dim if a.head_hidden_dim > 0 else arch["width"]
+    heads = TeacherHeads(agg.head_specs(targets), hidden, a.head_num_inner, config.head_mlp_ratio, dtype)
+    return agg.AgglomerativeStudent(encoder, heads)
+
+
+def student_at(student, px: int):
+    """The student at another input size (a resolution stage): the same parameters but the position table,
+    which with_position_table resizes to the stage's grid."""
+    return student.clone(encoder=student.encoder.clone(img_size=px))
+
+
+def with_position_table(params, table_grid: int, grid: int):
+    """params with the encoder's position table (kept at img_size's grid) resized to `grid` (bilinear,
+    align_corners=False; prefix rows unchanged). Differentiable: the stored table learns through it."""
+    if grid == table_grid:
+        return params
+    pos = params["encoder"]["pos_embed"]
+    prefix = pos.shape[1] - table_grid * table_grid
+    rows = align.resample(pos[:, prefix:], table_grid, grid).astype(pos.dtype)
+    encoder = {**params["encoder"], "pos_embed": jnp.concatenate([pos[:, :prefix], rows], axis=1)}
+    return {**params, "encoder": encoder}
+
+
+def resize_view(pixels, px: int):
+    """The input view (view_size) at the student's stage size, resized as TeacherStack resizes it for a
+    teacher (bilinear, antialiased)."""
+    if pixels.shape[1:3] == (px, px):
+        return pixels
+    x = jnp.asarray(pixels).astype(jnp.float32)
+    return jax.image.resize(x, (x.shape[0], px, px, 3), "bilinear", antialias=True)
+
+
+def stage_sizes(config) -> tuple[tuple[int, int], ...]:
+    """((from step, student px), ...); () without stages (img_size throughout)."""
+    return tuple((int(start), int(px)) for start, px in config.stages)
+
+
+def view_size(config, stack) -> int:
+    """The side of the training views the input pipeline gives: what the largest consumer needs (the
+    student at its largest stage, or a teacher at its own resolution); each resizes it to its size."""
+    if config.objective != "agglomerative":
+        return config.img_size
+    return max([config.img_size, *(px for _, px in config.stages), *stack_sizes(stack)])
+
+
+class StagedStep:
+    """The jitted step of each resolution stage (one compile per stage), chosen by the step number.
+
+    Called as the single-stage step is: `step(state, teacher_params, batch)`. It counts the steps itself,
+    reading the state's step (one host sync) only when given a state it did not return (the first call,
+    a restore), so the loop keeps queueing steps without waiting for the device."""
+
+    def __init__(self, starts: list[int], fns: list):
+        self.starts, self.fns = list(starts), list(fns)
+        self._last, self._next = None, 0
+
+    def stage_of(self, step: int) -> int:
+        return max(i for i, start in enumerate(self.starts) if start <= step)
+
+    def __call__(self, state, teacher_params, batch):
+        if state is not self._last:
+            self._next = int(state.step)
+        state, metrics = self.fns[self.stage_of(self._next)](state, teacher_params, batch)
+        self._last, self._next = state, self._next + 1
+        return state, metrics
+
+    def lower(self, state, teacher_params, batch):
+        """The first stage's program (what a benchmark inspects)."""
+        return self.fns[0].lower(state, teacher_params, batch)

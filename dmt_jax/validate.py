@@ -91,12 +91,13 @@ def teacher_problems(config) -> list[str]:
     from dmt_jax import teachers, train
 
     grid = None
-    if not config_lib.vit_variant(config.student.variant):
+    if config.objective == "dmt" and not config_lib.vit_variant(config.student.variant):  # one grid for all
         from dmt_jax.models.vit import parse_variant
 
         grid = config.img_size // parse_variant(config.student.variant)["patch_size"]
     problems = []
-    for entry in (e for e in config.teachers if e):
+    for named in (e for e in config.teachers if e):
+        entry = config_lib.split_teacher_name(named)[1]
         try:
             generated = train.parse_teacher_entry(entry)
         except UserError as e:

@@ -1,4 +1,5 @@
-"""The DMT objective (METHOD.md 3-7): masking, teacher targets, student heads, per-teacher loss."""
+"""The DMT objective (METHOD.md 3-7), the default: masking, teacher targets, student heads, per-teacher
+loss."""
 
 from __future__ import annotations
 
