@@ -275,7 +275,7 @@ def _train(setup, ckpt, writer, preemption, ids_file, train_source, workdir) -> 
     start = int(state.step)
 
     final, eval_every = {}, config.eval_every if config.evaluate else 0
-    evaluations = _Evaluations(setup, writer, workdir) if config.evaluate else None
+    evaluations = _evaluations(setup)(setup, writer, workdir) if config.evaluate else None
     if start == 0 and evaluations:
         evaluations.run(state, 0)
     progress = Progress(setup.steps, start, config.batch_size, setup.flops_per_image())
@@ -472,3 +472,159 @@ class Books:
         self.ckpt.finish()  # a save still in flight counts once it is written
         steps = self.ckpt.steps()
         return f"step {steps[-1]} in {self.ckpt.directory}" if steps else "none yet"
+
+
+def _evaluations(setup):
+    """The evaluations of the run's objective: DMT's (teachers by index) or the agglomerative ones (by name)."""
+    return _AgglomerativeEvaluations if setup.targets is not None else _Evaluations
+
+
+class _AgglomerativeEvaluations(_Evaluations):
+    """An agglomerative run's evaluations, per teacher by name (evaluate.make_agglomerative_fns): the
+    cosine of the student's summary and dense heads with the teacher's targets, k-NN and linear-probe
+    top-1 on each of the student's summary tokens (and on each teacher's summary, once), the linear CKA
+    of the student's encoder with each teacher, and the PCA pictures of every teacher and of the
+    student's adapted features. A table at each evaluation; at the last, each figure before -> after."""
+
+    def __init__(self, setup, writer, workdir: str):
+        self.setup, self.writer, self.workdir = setup, writer, workdir
+        self.path = os.path.join(workdir, "eval.jsonl")
+        self.fns, self.cache, self.sample = evaluate.make_agglomerative_fns(setup), {}, None
+        self.names = [t.name for t in setup.targets]
+
+    def run(self, state, step: int) -> dict[str, float]:
+        if self.sample is None:  # the first evaluation also compiles its functions: say why it takes a while
+            _say(f"evaluating at step {step}: per teacher summary and dense cosine, k-NN, linear probe, CKA, "
+                 "PCA pictures")  # fmt: skip
+        out = self._scores(state)
+        cka, patches = self._tokens(state)
+        out.update({f"cka/{n}": float(v) for n, v in zip(self.names, cka, strict=True)})
+        _say("\n".join(agglomerative_table(out, self.names, step)))
+        if step == self.setup.steps and (first := self._first_evaluation()) and first["step"] < step:
+            _say("\n".join(agglomerative_before_after(first, out, self.names, step)))
+        if len(self.sample["pixels"]) and jax.process_index() == 0:
+            titles = ["input"]
+            for t in self.setup.targets:
+                titles += [t.name, f"S>{t.name}"] if t.dense_dim else [t.name]
+            grid = pictures.pca_grid(self.sample["pixels"], patches, [*titles, "student"])
+            pictures.save_png(grid, os.path.join(self.workdir, "pictures", f"step_{step}.png"))
+            self.writer.write_images(step, {"pca_feature_maps": grid[None]})
+        self.writer.write_scalars(step, out)
+        if jax.process_index() == 0:
+            storage.append_line(self.path, json.dumps({"step": step, **out}))
+        return out
+
+    def _batches(self, role: str):
+        """An evaluation pass at the training views' size (each teacher resizes to its own, the student
+        to its img_size), its source made once."""
+        cfg = self.setup.config
+        if role not in self.cache:
+            self.cache[role] = data.make_source(cfg.data, role)
+        return data.make_eval_input(
+            cfg.data,
+            self.cache[role],
+            global_batch=evaluate.eval_batch_size(cfg.eval_batch_size, jax.device_count()),
+            img_size=self.setup.view_size,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
+
+    def _scores(self, state) -> dict[str, float]:
+        cfg, mesh, fns, setup = self.setup.config, self.setup.mesh, self.fns, self.setup
+
+        def scores(train_x, train_y, test_x, test_y, who: str) -> dict[str, float]:
+            out = {f"knn_top1/{who}": evaluate.knn_top1(train_x, train_y, test_x, test_y, cfg.knn_k,
+                                                        cfg.knn_temperature)}  # fmt: skip
+            if cfg.linear_probe_steps > 0:
+                top1 = evaluate.linear_probe_top1(train_x, train_y, test_x, test_y, cfg.linear_probe_steps)
+                out[f"linear_probe_top1/{who}"] = top1
+            return out
+
+        def listed(x):
+            return x if isinstance(x, list) else [x]
+
+        out = {}
+        s_train, y_train = evaluate.collect(fns["student"], self._batches("knn_train"), mesh, state.params)
+        s_test, y_test = evaluate.collect(fns["student"], self._batches("knn_eval"), mesh, state.params)
+        for name, a, b in zip(fns["summary_names"], listed(s_train), listed(s_test), strict=True):
+            out.update(scores(a, y_train, b, y_test, f"student_{name}"))
+        if "teachers" not in self.cache:  # frozen: their scores never change
+            t_train, _ = evaluate.collect(fns["teachers"], self._batches("knn_train"), mesh, setup.teacher_params)
+            t_test, _ = evaluate.collect(fns["teachers"], self._batches("knn_eval"), mesh, setup.teacher_params)
+            self.cache["teachers"] = {}
+            for name, a, b in zip(self.names, listed(t_train), listed(t_test), strict=True):
+                self.cache["teachers"].update(scores(a, y_train, b, y_test, f"teacher_{name}"))
+        out.update(self.cache["teachers"])
+        (summary, dense), _ = evaluate.collect(
+            fns["agreement"], self._batches("knn_eval"), mesh, state.params, state.stats, setup.teacher_params
+        )
+        for k, name in enumerate(self.names):
+            if not np.isnan(summary[:, k]).all():
+                out[f"summary_cosine/{name}"] = float(np.mean(summary[:, k]))
+            if not np.isnan(dense[:, k]).all():
+                out[f"dense_cosine/{name}"] = float(np.mean(dense[:, k]))
+        return out
+
+    def _tokens(self, state):
+        """CKA per teacher on the first evaluation batch, and the PCA pictures' tokens of its picked images."""
+        if self.sample is None:  # the same images at every evaluation
+            first = next(iter(self._batches("knn_eval")))
+            batch = parallel.global_batch({k: first[k] for k in ("image", "label", "valid")}, self.setup.mesh)
+            pixels, labels, valid = parallel.to_host((batch["image"], batch["label"], batch["valid"]))
+            rows = np.flatnonzero(valid)
+            picked = rows[pictures.pick_images(labels[rows], self.setup.config.pca_pictures)]
+            self.sample = dict(batch, picked=picked, pixels=pixels[picked])
+        s = self.sample
+        args = (state.params, self.setup.teacher_params, s["image"], s["valid"], s["picked"])
+        return parallel.to_host(self.fns["tokens"](*args))
+
+    def _first_evaluation(self) -> dict | None:
+        """The run's first evaluation (eval.jsonl's first line: step 0 unless evaluation was off then)."""
+        path = storage.path(self.path)
+        if jax.process_index() != 0 or not path.exists():
+            return None
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        try:
+            return json.loads(lines[0]) if lines else None
+        except json.JSONDecodeError:
+            return None
+
+
+def _figure(value, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def agglomerative_table(out: dict, names, step: int) -> list[str]:
+    """An evaluation's figures per teacher, one row each (see _AgglomerativeEvaluations)."""
+    lines = [
+        f"eval at step {step}, per teacher: summary / dense = cosine of the student's heads with the "
+        "teacher's targets; CKA = student encoder vs teacher; k-NN and probe top-1 % = the student's "
+        "summary token for the teacher | the teacher's summary",
+        f"  {'teacher':<10} {'summary':>8} {'dense':>7} {'CKA':>6}   {'k-NN':>13}   {'probe':>13}",
+    ]
+    for n in names:
+        get = lambda key, n=n: out.get(f"{key}/{n}")  # noqa: E731
+        student_knn, teacher_knn = out.get(f"knn_top1/student_{n}"), out.get(f"knn_top1/teacher_{n}")
+        student_lp = out.get(f"linear_probe_top1/student_{n}")
+        teacher_lp = out.get(f"linear_probe_top1/teacher_{n}")
+        lines.append(
+            f"  {n:<10} {_figure(get('summary_cosine'), 3):>8} {_figure(get('dense_cosine'), 3):>7} "
+            f"{_figure(get('cka'), 3):>6}   {_figure(student_knn, 1):>5} | {_figure(teacher_knn, 1):>5}   "
+            f"{_figure(student_lp, 1):>5} | {_figure(teacher_lp, 1):>5}"
+        )
+    return lines
+
+
+def agglomerative_before_after(first: dict, last: dict, names, step: int) -> list[str]:
+    """Each teacher's figures at the first evaluation -> the last: did the student come closer?"""
+    lines = [f"agglomerative distillation, step {first['step']} -> {step}, per teacher (the student's side):"]
+    for n in names:
+        parts = []
+        for label, key, digits in (("summary cosine", f"summary_cosine/{n}", 3),
+                                   ("dense cosine", f"dense_cosine/{n}", 3), ("CKA", f"cka/{n}", 3),
+                                   ("k-NN", f"knn_top1/student_{n}", 1),
+                                   ("probe", f"linear_probe_top1/student_{n}", 1)):  # fmt: skip
+            if key in last:
+                parts.append(f"{label} {_figure(first.get(key), digits)} -> {_figure(last[key], digits)}")
+        lines.append(f"  {n:<10} " + " | ".join(parts))
+    return lines
