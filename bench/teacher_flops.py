@@ -5,13 +5,14 @@
 The figures the agglomerative recipes are sized from. Nothing is run or allocated: the forward
 (`Teacher.forward`'s model: tokens and summary) is lowered with abstract float32 parameters and
 compiled for this machine's backend, whose cost analysis counts the FLOPs (2 per multiply-add). The
-analytic `flops.vit_flops` (encoder only, no stem bias, no head) is printed beside it.
+analytic `flops.vit_flops` (encoder only, no stem bias, no head; SAM: `sam_flops`) is printed beside it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import jax.numpy as jnp
 sys.path.insert(0, str(Path(__file__).parents[1]))
 
 from dmt_jax import flops  # noqa: E402
-from dmt_jax.models import EvaConfig, ViTConfig, build_model  # noqa: E402
+from dmt_jax.models import EvaConfig, SamConfig, ViTConfig, build_model  # noqa: E402
 
 # name -> (family, config): the released models' shapes (formats/clip.py, formats/siglip.py read the same
 # from the files). So400m/14 at 384 px has a 27 x 27 grid: 378 px of the image are seen.
@@ -37,7 +38,24 @@ TEACHERS = {
     "eva02_clip_l14_336": ("eva", EvaConfig.preset("CLIP-L/14-336")),
     "eva02_b14_448": ("eva", EvaConfig.preset("B/14", img_size=448)),  # the size of EVA-02's fine-tunes
     "eva02_l14_448": ("eva", EvaConfig.preset("L/14", img_size=448)),
+    "sam_b_1024": ("sam", SamConfig.from_size("B")),
+    "sam_l_1024": ("sam", SamConfig.from_size("L")),
+    "sam_h_1024": ("sam", SamConfig.from_size("H")),
 }
+
+
+def sam_flops(c: SamConfig) -> float:
+    """SAM's encoder by hand: linear layers over the grid, attention in padded windows or over the grid
+    (with the relative-position einsums), patch stem and neck; 2 FLOPs per multiply-add."""
+    tokens, windows = c.grid**2, math.ceil(c.grid / c.window_size) ** 2  # padded windows
+    total = c.depth * 2 * tokens * (4 * c.embed_dim**2 + 2 * c.embed_dim * c.mlp_dim)
+    for i in range(c.depth):
+        side = c.attn_size(i)
+        groups, t = (1, tokens) if i in c.global_attn_indexes else (windows, side**2)
+        total += groups * (4 * t * t * c.embed_dim + 2 * t * c.embed_dim * 2 * side)
+    total += 2 * tokens * 3 * c.patch_size**2 * c.embed_dim  # patch stem
+    total += 2 * tokens * c.out_chans * (c.embed_dim + 9 * c.out_chans)  # neck: 1x1 and 3x3 convs
+    return float(total)
 
 
 def forward_flops(family: str, config) -> float:
@@ -57,11 +75,13 @@ def main(argv=None) -> None:
     for name in args.names:
         family, config = TEACHERS[name]
         xla = forward_flops(family, config)
-        # EVA's SwiGLU has three mlp_dim x width matrices: a GELU MLP 1.5 x mlp_dim wide in FLOPs.
-        mlp_dim = config.mlp_dim * 3 // 2 if family == "eva" else config.mlp_dim
-        extra_token = not getattr(config, "class_token", True)
-        analytic = flops.vit_flops(config.width, config.depth, config.num_tokens + extra_token,
-                                   config.patch_size, mlp_dim)  # fmt: skip
+        if family == "sam":
+            analytic = sam_flops(config)
+        else:  # EVA's SwiGLU has three mlp_dim x width matrices: a GELU MLP 1.5 x mlp_dim wide in FLOPs.
+            mlp_dim = config.mlp_dim * 3 // 2 if family == "eva" else config.mlp_dim
+            extra_token = not getattr(config, "class_token", True)
+            analytic = flops.vit_flops(config.width, config.depth, config.num_tokens + extra_token,
+                                       config.patch_size, mlp_dim)  # fmt: skip
         row = dict(teacher=name, family=family, img_size=config.img_size, tokens=config.num_tokens,
                    gflops_per_image=round(xla / 1e9, 2), analytic_encoder_gflops=round(analytic / 1e9, 2),
                    backend=jax.default_backend(), jax=jax.__version__)  # fmt: skip

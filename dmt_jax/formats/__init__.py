@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from dmt_jax.formats import clip, dino, dinov2, eva02, ibot, mae, mocov3, openclip, siglip
+from dmt_jax.formats import clip, dino, dinov2, eva02, ibot, mae, mocov3, openclip, sam, siglip
 from dmt_jax.formats._base import (
     CONV,
     COPY,
@@ -40,15 +40,15 @@ from dmt_jax.formats.names_vit import (
 )
 
 # Asked in this order; the first whose detect() says yes names the format. Distinctive keys first:
-# big_vision's params/img/..., then EVA-02's SwiGLU (w3, or fc1_g beside q_proj: before the CLIP
-# layouts, whose visual. and visual.trunk. prefixes its towers share), then the CLIP layouts (clip
-# refuses to guess between OpenAI and OpenCLIP where only the activation differs); MAE's full file also
-# has a mask_token (1,1,512), so MAE is asked before DINOv2; a bare backbone with nothing distinctive
-# is read as DINO, asked last.
+# SAM's image_encoder.* (with rel_pos tables), big_vision's params/img/..., then EVA-02's SwiGLU (w3,
+# or fc1_g beside q_proj: before the CLIP layouts, whose visual. and visual.trunk. prefixes its towers
+# share), then the CLIP layouts (clip refuses to guess between OpenAI and OpenCLIP where only the
+# activation differs); MAE's full file also has a mask_token (1,1,512), so MAE is asked before DINOv2;
+# a bare backbone with nothing distinctive is read as DINO, asked last.
 DETECTION_ORDER: tuple[str, ...] = (
-    "siglip", "eva02", "clip", "openclip", "mae", "mocov3", "ibot", "dinov2", "dino"
+    "sam", "siglip", "eva02", "clip", "openclip", "mae", "mocov3", "ibot", "dinov2", "dino"
 )  # fmt: skip
-_MODULES = (siglip, eva02, clip, openclip, mae, mocov3, ibot, dinov2, dino)
+_MODULES = (sam, siglip, eva02, clip, openclip, mae, mocov3, ibot, dinov2, dino)
 FORMATS: dict[str, CheckpointFormat] = {m.FORMAT.name: m.FORMAT for m in _MODULES}
 assert set(DETECTION_ORDER) == set(FORMATS), "every format is asked, once"
 

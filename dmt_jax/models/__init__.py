@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from dmt_jax.models.eva import Eva, EvaConfig
 from dmt_jax.models.features import Features
+from dmt_jax.models.sam import SamConfig, SamEncoder
 from dmt_jax.models.vit import (
     VARIANTS,
     ViT,
@@ -24,6 +25,7 @@ from dmt_jax.models.vit import (
 FAMILIES: dict[str, tuple[type, type]] = {
     "vit": (ViTConfig, ViT),
     "eva": (EvaConfig, Eva),
+    "sam": (SamConfig, SamEncoder),
 }
 
 
@@ -52,6 +54,8 @@ __all__ = [
     "EvaConfig",
     "VARIANTS",
     "Features",
+    "SamConfig",
+    "SamEncoder",
     "ViT",
     "ViTConfig",
     "build_model",
