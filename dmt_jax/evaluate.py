@@ -245,17 +245,19 @@ def make_agglomerative_fns(setup):
 
     - student(params, pixels) -> per teacher with a summary target (agg.summary_teachers order), the
       student encoder's summary token for it [B, D]: what k-NN and the probe read.
-    - teachers(teacher_params, pixels) -> per teacher (setup.targets order) its summary [B, S], or its
-      mean patch token for a family without one (SAM).
-    - agreement(params, stats, teacher_params, pixels) -> (summary [B, K], dense [B, K]): per image and
-      teacher the cosine of the student's summary head with the teacher's summary target (NaN where the
-      teacher has none) and the mean cosine over patches of its dense head with the teacher's dense
-      targets, compared where training compares them (on the teacher's grid with resample
-      'student_to_teacher'); targets normalized as in training with the statistics of `stats`.
-    - tokens(params, teacher_params, pixels, valid, picked) -> (cka [K], pictures): the linear CKA
-      per teacher between the student encoder's patch tokens (resampled to the teacher's grid) and the
-      teacher's, over the valid images' patches; and for the `picked` images, per teacher its patch
-      tokens then the student's adapted features on its grid, then the student encoder's patches.
+    - agreement(params, stats, teacher_params, pixels) -> [summary [B, K], dense [B, K], *teachers]:
+      per image and teacher the cosine of the student's summary head with the teacher's summary target
+      (NaN where the teacher has none) and the mean cosine over patches of its dense head with the
+      teacher's dense targets, compared where training compares them (on the teacher's grid with
+      resample 'student_to_teacher'; targets normalized as in training, with the statistics in
+      `stats`); then per teacher its summary [B, S], or its mean patch token for a family without one
+      (SAM): what the teachers' k-NN and probe read (one program runs the teachers for both).
+    - tokens(params, stats, teacher_params, pixels, valid, picked) -> (cka [K, 2], pictures): per
+      teacher the linear CKA with its dense targets of the student encoder's patch tokens, and of the
+      student's adapted features (its dense head), where training compares them (on the teacher's grid
+      with resample 'student_to_teacher'), over the valid images' patches (NaN for a teacher without
+      dense target); and for the `picked` images, per teacher its patch tokens, then the student's
+      adapted features on its grid, and last the student encoder's patch tokens.
     """
     from dmt_jax import train
     from dmt_jax.objective import agglomerative as agg
@@ -282,12 +284,6 @@ def make_agglomerative_fns(setup):
         return [tokens[:, slot] for slot in range(len(slots))]
 
     @jax.jit
-    def teacher_summaries(teacher_params, pixels):
-        features = agg.stack_features(stack, names, teacher_params, pixels)
-        pooled = [features[t.name].summary if t.summary_dim else features[t.name].patches.mean(1) for t in specs]
-        return [p.astype(jnp.float32) for p in pooled]
-
-    @jax.jit
     def agreement(params, stats, teacher_params, pixels):
         features = agg.stack_features(stack, names, teacher_params, pixels)
         targets, _ = agg.make_targets(
@@ -306,29 +302,40 @@ def make_agglomerative_fns(setup):
                 dense.append(1.0 - losses.cosine_distance(d, y["dense"]).mean(-1))
             else:
                 dense.append(nan)
-        return jnp.stack(summary, axis=1), jnp.stack(dense, axis=1)
+        pooled = [
+            features[t.name].summary if t.summary_dim else features[t.name].patches.mean(1) for t in specs
+        ]
+        return [
+            jnp.stack(summary, axis=1),
+            jnp.stack(dense, axis=1),
+            *(p.astype(jnp.float32) for p in pooled),
+        ]
 
     @jax.jit
-    def tokens_and_cka(params, teacher_params, pixels, valid, picked):
+    def tokens_and_cka(params, stats, teacher_params, pixels, valid, picked):
         features = agg.stack_features(stack, names, teacher_params, pixels)
+        targets, _ = agg.make_targets(
+            specs, features, stats, options, student_grid=(grid, grid), update=False
+        )
         tokens, prefix = encoder_tokens(params, pixels)
         patches = tokens[:, prefix:]
         preds = student.apply({"params": params}, images_of(pixels))
-        cka, teachers, adapted = [], [], []
+        on_teacher_grid = options.resample == "student_to_teacher"
+        flat = lambda x: x.reshape(-1, x.shape[-1])  # noqa: E731
+        cka, columns = [], []
         for t in specs:
-            mine = align.resample(patches, grid, t.grid)
-            theirs = features[t.name].patches.astype(jnp.float32)
+            columns.append(features[t.name].patches[picked].astype(jnp.float32))
+            if not t.dense_dim:
+                cka.append(jnp.full((2,), jnp.nan, jnp.float32))
+                continue
+            theirs = targets[t.name]["dense"]
             rows = jnp.repeat(valid.astype(jnp.float32), theirs.shape[1])
-            cka.append(linear_cka(mine.reshape(-1, mine.shape[-1]), theirs.reshape(-1, theirs.shape[-1]), rows))
-            teachers.append(theirs[picked])
-            if t.dense_dim:
-                adapted.append(align.resample(preds[t.name]["dense"], grid, t.grid)[picked].astype(jnp.float32))
-            else:
-                adapted.append(None)
-        pictures = []
-        for theirs, mine in zip(teachers, adapted, strict=True):
-            pictures += [theirs] if mine is None else [theirs, mine]
-        return jnp.stack(cka), [*pictures, patches[picked]]
+            mine = align.resample(patches, grid, t.grid) if on_teacher_grid else patches
+            adapted = preds[t.name]["dense"].astype(jnp.float32)
+            adapted = align.resample(adapted, grid, t.grid) if on_teacher_grid else adapted
+            cka.append(jnp.stack([linear_cka(flat(mine), flat(theirs), rows),
+                                  linear_cka(flat(adapted), flat(theirs), rows)]))  # fmt: skip
+            columns.append(align.resample(preds[t.name]["dense"], grid, t.grid)[picked].astype(jnp.float32))
+        return jnp.stack(cka), [*columns, patches[picked]]
 
-    return dict(student=student_summaries, teachers=teacher_summaries, agreement=agreement,
-                tokens=tokens_and_cka, summary_names=slots)  # fmt: skip
+    return dict(student=student_summaries, agreement=agreement, tokens=tokens_and_cka, summary_names=slots)

@@ -475,7 +475,7 @@ class Books:
 
 
 def _evaluations(setup):
-    """The evaluations of the run's objective: DMT's (teachers by index) or the agglomerative ones (by name)."""
+    """The evaluations of the run's objective: DMT's (teachers by index) or agglomerative (by name)."""
     return _AgglomerativeEvaluations if setup.targets is not None else _Evaluations
 
 
@@ -483,8 +483,9 @@ class _AgglomerativeEvaluations(_Evaluations):
     """An agglomerative run's evaluations, per teacher by name (evaluate.make_agglomerative_fns): the
     cosine of the student's summary and dense heads with the teacher's targets, k-NN and linear-probe
     top-1 on each of the student's summary tokens (and on each teacher's summary, once), the linear CKA
-    of the student's encoder with each teacher, and the PCA pictures of every teacher and of the
-    student's adapted features. A table at each evaluation; at the last, each figure before -> after."""
+    with each teacher's dense targets of the student's adapted features and of its encoder, and the PCA
+    pictures of every teacher and of the student's adapted features. A table at each evaluation; at the
+    last, each figure before -> after."""
 
     def __init__(self, setup, writer, workdir: str):
         self.setup, self.writer, self.workdir = setup, writer, workdir
@@ -498,7 +499,9 @@ class _AgglomerativeEvaluations(_Evaluations):
                  "PCA pictures")  # fmt: skip
         out = self._scores(state)
         cka, patches = self._tokens(state)
-        out.update({f"cka/{n}": float(v) for n, v in zip(self.names, cka, strict=True)})
+        for name, (encoder, adapted) in zip(self.names, cka, strict=True):
+            if np.isfinite(encoder):
+                out[f"cka/{name}"], out[f"cka_adapted/{name}"] = float(encoder), float(adapted)
         _say("\n".join(agglomerative_table(out, self.names, step)))
         if step == self.setup.steps and (first := self._first_evaluation()) and first["step"] < step:
             _say("\n".join(agglomerative_before_after(first, out, self.names, step)))
@@ -533,8 +536,8 @@ class _AgglomerativeEvaluations(_Evaluations):
         cfg, mesh, fns, setup = self.setup.config, self.setup.mesh, self.fns, self.setup
 
         def scores(train_x, train_y, test_x, test_y, who: str) -> dict[str, float]:
-            out = {f"knn_top1/{who}": evaluate.knn_top1(train_x, train_y, test_x, test_y, cfg.knn_k,
-                                                        cfg.knn_temperature)}  # fmt: skip
+            knn = evaluate.knn_top1(train_x, train_y, test_x, test_y, cfg.knn_k, cfg.knn_temperature)
+            out = {f"knn_top1/{who}": knn}
             if cfg.linear_probe_steps > 0:
                 top1 = evaluate.linear_probe_top1(train_x, train_y, test_x, test_y, cfg.linear_probe_steps)
                 out[f"linear_probe_top1/{who}"] = top1
@@ -548,25 +551,25 @@ class _AgglomerativeEvaluations(_Evaluations):
         s_test, y_test = evaluate.collect(fns["student"], self._batches("knn_eval"), mesh, state.params)
         for name, a, b in zip(fns["summary_names"], listed(s_train), listed(s_test), strict=True):
             out.update(scores(a, y_train, b, y_test, f"student_{name}"))
-        if "teachers" not in self.cache:  # frozen: their scores never change
-            t_train, _ = evaluate.collect(fns["teachers"], self._batches("knn_train"), mesh, setup.teacher_params)
-            t_test, _ = evaluate.collect(fns["teachers"], self._batches("knn_eval"), mesh, setup.teacher_params)
-            self.cache["teachers"] = {}
-            for name, a, b in zip(self.names, listed(t_train), listed(t_test), strict=True):
-                self.cache["teachers"].update(scores(a, y_train, b, y_test, f"teacher_{name}"))
-        out.update(self.cache["teachers"])
-        (summary, dense), _ = evaluate.collect(
-            fns["agreement"], self._batches("knn_eval"), mesh, state.params, state.stats, setup.teacher_params
+        args = (state.params, state.stats, setup.teacher_params)
+        (summary, dense, *t_test), _ = evaluate.collect(
+            fns["agreement"], self._batches("knn_eval"), mesh, *args
         )
         for k, name in enumerate(self.names):
             if not np.isnan(summary[:, k]).all():
                 out[f"summary_cosine/{name}"] = float(np.mean(summary[:, k]))
             if not np.isnan(dense[:, k]).all():
                 out[f"dense_cosine/{name}"] = float(np.mean(dense[:, k]))
+        if "teachers" not in self.cache:  # frozen: their scores never change
+            (_, _, *t_train), _ = evaluate.collect(fns["agreement"], self._batches("knn_train"), mesh, *args)
+            self.cache["teachers"] = {}
+            for name, a, b in zip(self.names, t_train, t_test, strict=True):
+                self.cache["teachers"].update(scores(a, y_train, b, y_test, f"teacher_{name}"))
+        out.update(self.cache["teachers"])
         return out
 
     def _tokens(self, state):
-        """CKA per teacher on the first evaluation batch, and the PCA pictures' tokens of its picked images."""
+        """CKA per teacher on the first evaluation batch, and the tokens of its pictures' images."""
         if self.sample is None:  # the same images at every evaluation
             first = next(iter(self._batches("knn_eval")))
             batch = parallel.global_batch({k: first[k] for k in ("image", "label", "valid")}, self.setup.mesh)
@@ -575,7 +578,7 @@ class _AgglomerativeEvaluations(_Evaluations):
             picked = rows[pictures.pick_images(labels[rows], self.setup.config.pca_pictures)]
             self.sample = dict(batch, picked=picked, pixels=pixels[picked])
         s = self.sample
-        args = (state.params, self.setup.teacher_params, s["image"], s["valid"], s["picked"])
+        args = (state.params, state.stats, self.setup.teacher_params, s["image"], s["valid"], s["picked"])
         return parallel.to_host(self.fns["tokens"](*args))
 
     def _first_evaluation(self) -> dict | None:
@@ -594,37 +597,48 @@ def _figure(value, digits: int) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+# The columns of the agglomerative evaluation, per teacher NAME: (heading, metric, digits).
+AGGLOMERATIVE_COLUMNS = (
+    ("summary cos", "summary_cosine/{}", 3),
+    ("dense cos", "dense_cosine/{}", 3),
+    ("CKA heads", "cka_adapted/{}", 3),
+    ("CKA encoder", "cka/{}", 3),
+    ("k-NN", "knn_top1/student_{}", 1),
+    ("probe", "linear_probe_top1/student_{}", 1),
+)
+
+
 def agglomerative_table(out: dict, names, step: int) -> list[str]:
-    """An evaluation's figures per teacher, one row each (see _AgglomerativeEvaluations)."""
+    """An evaluation's figures, one row per teacher (see _AgglomerativeEvaluations); k-NN and probe as
+    'student | teacher'."""
     lines = [
-        f"eval at step {step}, per teacher: summary / dense = cosine of the student's heads with the "
-        "teacher's targets; CKA = student encoder vs teacher; k-NN and probe top-1 % = the student's "
-        "summary token for the teacher | the teacher's summary",
-        f"  {'teacher':<10} {'summary':>8} {'dense':>7} {'CKA':>6}   {'k-NN':>13}   {'probe':>13}",
-    ]
+        f"eval at step {step}, per teacher: cosine of the student's summary and dense heads with the "
+        "teacher's targets; linear CKA with its dense targets of the student's adapted features (heads) "
+        "and of its encoder; k-NN and linear-probe top-1 % of the student's summary token for the teacher "
+        "| of the teacher's summary (SAM: its mean token)",
+        "  " + f"{'teacher':<10}" + "".join(f"{h:>13}" for h, _, _ in AGGLOMERATIVE_COLUMNS[:4])
+        + f"{'k-NN':>16}{'probe':>16}",
+    ]  # fmt: skip
     for n in names:
-        get = lambda key, n=n: out.get(f"{key}/{n}")  # noqa: E731
-        student_knn, teacher_knn = out.get(f"knn_top1/student_{n}"), out.get(f"knn_top1/teacher_{n}")
-        student_lp = out.get(f"linear_probe_top1/student_{n}")
-        teacher_lp = out.get(f"linear_probe_top1/teacher_{n}")
-        lines.append(
-            f"  {n:<10} {_figure(get('summary_cosine'), 3):>8} {_figure(get('dense_cosine'), 3):>7} "
-            f"{_figure(get('cka'), 3):>6}   {_figure(student_knn, 1):>5} | {_figure(teacher_knn, 1):>5}   "
-            f"{_figure(student_lp, 1):>5} | {_figure(teacher_lp, 1):>5}"
-        )
+        row = f"  {n:<10}"
+        for _, key, digits in AGGLOMERATIVE_COLUMNS[:4]:
+            row += f"{_figure(out.get(key.format(n)), digits):>13}"
+        for kind in ("knn_top1", "linear_probe_top1"):
+            student, teacher = out.get(f"{kind}/student_{n}"), out.get(f"{kind}/teacher_{n}")
+            pair = f"{_figure(student, 1)} | {_figure(teacher, 1)}"
+            row += f"{pair:>16}"
+        lines.append(row)
     return lines
 
 
 def agglomerative_before_after(first: dict, last: dict, names, step: int) -> list[str]:
     """Each teacher's figures at the first evaluation -> the last: did the student come closer?"""
-    lines = [f"agglomerative distillation, step {first['step']} -> {step}, per teacher (the student's side):"]
+    lines = [f"agglomerative distillation, step {first['step']} -> {step}, per teacher (the student's):"]
     for n in names:
-        parts = []
-        for label, key, digits in (("summary cosine", f"summary_cosine/{n}", 3),
-                                   ("dense cosine", f"dense_cosine/{n}", 3), ("CKA", f"cka/{n}", 3),
-                                   ("k-NN", f"knn_top1/student_{n}", 1),
-                                   ("probe", f"linear_probe_top1/student_{n}", 1)):  # fmt: skip
-            if key in last:
-                parts.append(f"{label} {_figure(first.get(key), digits)} -> {_figure(last[key], digits)}")
+        parts = [
+            f"{heading} {_figure(first.get(key.format(n)), digits)} -> {_figure(last[key.format(n)], digits)}"
+            for heading, key, digits in AGGLOMERATIVE_COLUMNS
+            if key.format(n) in last
+        ]
         lines.append(f"  {n:<10} " + " | ".join(parts))
     return lines
