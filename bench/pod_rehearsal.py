@@ -1,8 +1,10 @@
 """A pod on localhost: what a multi-host run does, played by processes on this machine, and measured.
 
 Parts (each prints JSON lines, then a table; `--parts` picks them):
-  eval   k-NN over a synthetic memory bank (default 128k x 384 features, 1000 classes, 10k queries):
-         seconds, and the size of the largest lowered program (a baked-in bank would show as >1 MB).
+  eval   k-NN and linear probe over a synthetic ImageNet-sized bank (default 1,281,167 x 768 features,
+         1000 classes), sharded over --devices virtual CPU devices (8): each program's peak memory
+         per device from the compiled programs, then seconds for writing the bank, k-NN of --queries
+         queries and --probe-epochs probe epochs; the largest lowered program (a baked-in bank >1 MB).
   pod    4 processes x 2 virtual CPU devices (mesh data=4 fsdp=2, fsdp_min_size small enough to split
          real tensors), demo data, random teachers stored in a bucket on a local GCS emulator, the
          workdir in the bucket: trains, evaluates, exports; the export is compared with a 1-process x
@@ -11,16 +13,21 @@ Parts (each prints JSON lines, then a table; `--parts` picks them):
          same command on 2 processes x 2 devices resumes and finishes; its final state is compared
          with the uninterrupted pod run's (needs `pod` in the same call).
 
-    python bench/pod_rehearsal.py                      # all parts
-    python bench/pod_rehearsal.py --parts eval --bank 131072
+    python bench/pod_rehearsal.py                      # all parts (see bench/RESULTS.md for their time)
+    python bench/pod_rehearsal.py --parts eval --queries 1024 --probe-epochs 1
 
-The machine may be shared: seconds are wall time of this process and its children.
+Needs the `emulator` extra (`pip install -e '.[emulator]'`, part of `.[test]`): the bucket is
+`python -m dmt_jax.storage_emulator` in a process of its own, started by the tests' helper
+(tests/gcs_emulator.py). It prints its results only (JSON lines, then a table); a run that fails
+shows the end of its output. The machine may be shared: seconds are wall time of this process and
+its children.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import signal
 import sys
@@ -46,25 +53,27 @@ def emit(rows: list, **fields):
 
 
 def eval_part(args, rows):
+    """An ImageNet-sized evaluation (default: a 1,281,167 x 768 bank, 1000 classes) on this machine's
+    devices (8 virtual CPU devices unless --devices): the peak memory of every program per device,
+    from the compiled programs (nothing allocated), then wall time on synthetic class-clustered
+    features: the bank written batch by batch as evaluation writes it, k-NN of --queries queries,
+    and --probe-epochs epochs of the linear probe (its default epoch count extrapolated)."""
     import jax
-    import jax.numpy as jnp
 
-    from dmt_jax import evaluate
+    from dmt_jax import config, evaluate, parallel
 
-    rng = np.random.default_rng(0)
-    centers = rng.standard_normal((args.classes, args.dim)).astype(np.float32)
-    y_bank = rng.integers(0, args.classes, args.bank)
-    y_query = rng.integers(0, args.classes, args.queries)
-    bank = centers[y_bank] + rng.standard_normal((args.bank, args.dim), np.float32)
-    queries = centers[y_query] + rng.standard_normal((args.queries, args.dim), np.float32)
+    mesh = parallel.make_mesh(-1, 1)
+    batch = evaluate.eval_batch_size(args.eval_batch, jax.device_count())
+    bank_batches, query_batches = -(-args.bank // batch), -(-args.queries // batch)
+    probe_epochs = config.BASE_SCHEMA["linear_probe_epochs"].default
+    probe_batch = config.BASE_SCHEMA["linear_probe_batch_size"].default
+    programs = compiled_programs(mesh, bank_batches, query_batches, batch, args, probe_batch, probe_epochs)
+    memory = {name: program_memory(compiled) for name, (_, compiled) in programs.items()}
+    largest_program = max(len(lowered.as_text()) for lowered, _ in programs.values())
 
-    t0 = time.perf_counter()
-    top1 = evaluate.knn_top1(bank, y_bank, queries, y_query)
-    seconds = time.perf_counter() - t0
-    lowered = evaluate._knn_predict.lower(
-        jnp.asarray(bank), jnp.asarray(y_bank, jnp.int32), jnp.zeros((1024, args.dim)), 20, 0.07, args.classes
-    )
-    program_bytes = len(lowered.as_text())
+    timings, top1 = timed_evaluation(mesh, bank_batches, query_batches, batch, args, probe_batch)
+    bank_mb = args.bank * args.dim * 4 / MB
+    per_epoch = timings["probe_s"] / args.probe_epochs
     emit(
         rows,
         part="eval",
@@ -72,13 +81,147 @@ def eval_part(args, rows):
         dim=args.dim,
         classes=args.classes,
         queries=args.queries,
-        knn_top1=round(top1, 2),
-        seconds=round(seconds, 2),
-        under_10s=seconds < 10,
-        largest_program_bytes=program_bytes,
-        no_constant_over_1mb=program_bytes < MB,
+        devices=jax.device_count(),
         device=jax.devices()[0].device_kind,
+        eval_batch=batch,
+        bank_mb_total=round(bank_mb),
+        bank_mb_per_device=round(bank_mb / jax.device_count()),
+        peak_mb_per_device={k: round(v["peak"] / MB, 1) for k, v in memory.items()},
+        temp_mb_per_device={k: round(v["temp"] / MB, 1) for k, v in memory.items()},
+        peak_mb_per_device_max=round(max(v["peak"] for v in memory.values()) / MB, 1),
+        write_bank_s=round(timings["write_s"], 1),
+        knn_s=round(timings["knn_s"], 1),
+        knn_compile_s=round(timings["knn_compile_s"], 1),
+        knn_top1=round(top1["knn"], 2),
+        probe_epochs_run=args.probe_epochs,
+        probe_s=round(timings["probe_s"], 1),
+        probe_compile_s=round(timings["probe_compile_s"], 1),
+        probe_top1=round(top1["probe"], 2),
+        probe_s_per_epoch=round(per_epoch, 1),
+        probe_default_epochs=probe_epochs,
+        probe_default_epochs_s_extrapolated=round(per_epoch * probe_epochs + timings["probe_compile_s"]),
+        largest_program_bytes=largest_program,
+        no_constant_over_1mb=largest_program < MB,
     )
+
+
+def compiled_programs(mesh, bank_batches, query_batches, batch, args, probe_batch, probe_epochs):
+    """name -> (lowered, compiled) of every evaluation program at full size, from ShapeDtypeStructs."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding
+
+    from dmt_jax import evaluate, parallel
+
+    def spec(shape, dtype, sharding):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+    banked = NamedSharding(mesh, evaluate.BANK_SPEC)
+    rows, replicated = parallel.batch_sharding(mesh), parallel.replicated(mesh)
+
+    def bank(batches):
+        return evaluate.Bank(
+            spec((batches, batch, args.dim), jnp.float32, banked), spec((batches, batch), jnp.int32, banked)
+        )
+
+    bank_, queries = bank(bank_batches), bank(query_batches)
+    index = spec((), jnp.int32, replicated)
+    params = {
+        "w": spec((args.dim, args.classes), jnp.float32, replicated),
+        "b": spec((args.classes,), jnp.float32, replicated),
+    }
+    local_batch = max(1, min(-(-probe_batch // mesh.size), bank_batches * batch // mesh.size))
+    steps = probe_epochs * -(-(bank_batches * batch // mesh.size) // local_batch)
+    optimizer = evaluate._probe_optimizer(1e-2, 1e-4, steps)
+    opt_state = jax.tree.map(
+        lambda s: spec(s.shape, s.dtype, replicated), jax.eval_shape(optimizer.init, params)
+    )
+    stats = {k: spec((args.dim,), jnp.float32, replicated) for k in ("mean", "std")}
+    key = spec((2,), jnp.uint32, replicated)
+    lowered = {
+        "write_batch": evaluate._bank_writer(mesh).lower(
+            [bank_],
+            index,
+            [spec((batch, args.dim), jnp.float32, rows)],
+            spec((batch,), jnp.int32, rows),
+            spec((batch,), jnp.bool_, rows),
+        ),
+        "knn_query_batch": evaluate._knn_program(mesh, 20, 0.07, args.classes).lower(bank_, queries, index),
+        "probe_statistics": evaluate._stats_program(mesh).lower(bank_),
+        "probe_epoch": evaluate._probe_epoch_program(mesh, 1e-2, 1e-4, steps, local_batch).lower(
+            params, opt_state, bank_, stats, key
+        ),
+        "probe_accuracy": evaluate._probe_eval_program(mesh).lower(params, queries, stats),
+    }
+    return {name: (low, low.compile()) for name, low in lowered.items()}
+
+
+def program_memory(compiled) -> dict:
+    """Per-device bytes of a compiled program: arguments + outputs - donated (aliased) + temporaries."""
+    m = compiled.memory_analysis()
+    peak = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+    return {"peak": peak, "temp": m.temp_size_in_bytes}
+
+
+def timed_evaluation(mesh, bank_batches, query_batches, batch, args, probe_batch):
+    """Seconds of: writing the bank (synthetic features made on the devices), k-NN, the probe."""
+    import jax
+    import jax.numpy as jnp
+
+    from dmt_jax import evaluate, parallel
+
+    rows = parallel.batch_sharding(mesh)
+
+    @jax.jit
+    def synthetic(centers, key, i):  # class-clustered features of batch i, made where they are stored
+        k_label, k_noise = jax.random.split(jax.random.fold_in(key, i))
+        labels = jax.random.randint(k_label, (batch,), 0, args.classes)
+        x = centers[labels] + jax.random.normal(k_noise, (batch, args.dim))
+        return jax.lax.with_sharding_constraint(x, rows), jax.lax.with_sharding_constraint(labels, rows)
+
+    centers = jax.random.normal(jax.random.PRNGKey(0), (args.classes, args.dim))
+
+    def fill(num_batches, rows_wanted, key):
+        banks, write = (
+            [evaluate._empty_bank(mesh, num_batches, (batch, args.dim))],
+            evaluate._bank_writer(mesh),
+        )
+        for i in range(num_batches):
+            x, labels = synthetic(centers, key, i)
+            valid = jnp.arange(batch) + i * batch < rows_wanted
+            banks = write(banks, jnp.int32(i), [x], labels, jax.device_put(valid, rows))
+        return jax.block_until_ready(banks[0])
+
+    t0 = time.perf_counter()
+    bank = fill(bank_batches, args.bank, jax.random.PRNGKey(1))
+    write_s = time.perf_counter() - t0
+    queries = fill(query_batches, args.queries, jax.random.PRNGKey(2))
+    # Compiled first and timed apart: the calls below reuse these executables (seconds without compiling).
+    t0 = time.perf_counter()
+    evaluate._knn_program(mesh, 20, 0.07, args.classes).lower(bank, queries, jnp.int32(0)).compile()
+    knn_compile_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    knn = evaluate.knn_top1(bank, queries, num_classes=args.classes)
+    knn_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    local_rows = bank_batches * batch // mesh.size
+    local_batch = max(1, min(-(-probe_batch // mesh.size), local_rows))
+    steps = args.probe_epochs * -(-local_rows // local_batch)
+    params = {"w": jnp.zeros((args.dim, args.classes)), "b": jnp.zeros((args.classes,))}
+    opt_state = evaluate._probe_optimizer(1e-2, 1e-4, steps).init(params)
+    stats = evaluate._stats_program(mesh).lower(bank).compile()(bank)
+    epoch = evaluate._probe_epoch_program(mesh, 1e-2, 1e-4, steps, local_batch)
+    epoch.lower(params, opt_state, bank, stats, jax.random.PRNGKey(0)).compile()
+    evaluate._probe_eval_program(mesh).lower(params, queries, stats).compile()
+    probe_compile_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    probe = evaluate.linear_probe_top1(
+        bank, queries, epochs=args.probe_epochs, batch_size=probe_batch, num_classes=args.classes
+    )
+    probe_s = time.perf_counter() - t0
+    times = {"write_s": write_s, "knn_s": knn_s, "knn_compile_s": knn_compile_s}
+    times.update(probe_s=probe_s, probe_compile_s=probe_compile_s)
+    return times, {"knn": knn, "probe": probe}
 
 
 # -------------------------------------------------------------------------------------- pod, resume
@@ -168,7 +311,7 @@ def pod_args(args, bucket, workdir, demo, **over):
         log_every=1,
         evaluate=True,
         eval_every=10_000,
-        linear_probe_steps=20,
+        linear_probe_epochs=20,
         export_at_end=True,
         log_example_ids=False,
         fsdp_min_size=1000,
@@ -269,14 +412,20 @@ def main():
     raw = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=raw)
     parser.add_argument("--parts", default="eval,pod,resume")
-    parser.add_argument("--bank", type=int, default=128 * 1024)
-    parser.add_argument("--dim", type=int, default=384)
+    parser.add_argument("--bank", type=int, default=1_281_167, help="rows (ImageNet-1K train)")
+    parser.add_argument("--dim", type=int, default=768)
     parser.add_argument("--classes", type=int, default=1000)
-    parser.add_argument("--queries", type=int, default=10_000)
+    parser.add_argument("--queries", type=int, default=1024, help="k-NN / probe queries timed")
+    parser.add_argument("--eval-batch", type=int, default=256, help="evaluation batch (all devices)")
+    parser.add_argument("--probe-epochs", type=int, default=1, help="probe epochs timed")
+    parser.add_argument("--devices", type=int, default=8, help="virtual CPU devices of the eval part")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--timeout", type=float, default=600)
     args = parser.parse_args()
     parts = args.parts.split(",")
+    # Before jax is imported: the eval part's devices (the pod parts start their own processes).
+    flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", os.environ.get("XLA_FLAGS", ""))
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={args.devices}".strip()
     rows: list = []
     if "eval" in parts:
         eval_part(args, rows)
@@ -285,6 +434,10 @@ def main():
 
         from gcs_emulator import child_env, emulated_bucket
 
+        try:
+            import gcp_storage_emulator  # noqa: F401
+        except ImportError:
+            raise SystemExit("the pod parts need the emulator extra: pip install -e '.[emulator]'") from None
         with emulated_bucket() as bucket, tempfile.TemporaryDirectory() as tmp:
             env = child_env()
             pod_part(args, rows, bucket, Path(tmp), env)

@@ -9,7 +9,7 @@ top-1s compare the starting points (README, Fine-tune). The recipe is MAE's (con
 scaled to 640 tiny images: batch 64, 600 steps (60 epochs), base lr 1e-2 (MAE: 5e-4; at 2e-2 random
 init failed to train in our runs), layer decay 0.75 for a 2-block ViT, RandAugment m5 and crops of at
 least 20% for 32 px images. Everything else as MAE: Mixup 0.8 / CutMix 1.0, label smoothing 0.1,
-random erasing 0.25, drop path 0.1, mean pooling + fc_norm.
+random erasing 0.25, drop path 0.1, mean pooling + fc_norm, bicubic resizing.
 """
 
 from dmt_jax.config import finetune_base_config

@@ -1,8 +1,10 @@
 """Orbax checkpoints of the whole run: train state (step, params, optimizer, rng) + input position.
 
-Every process calls save and restore (each writes and reads its own shards). Saves are atomic:
-orbax writes `<step>.orbax-checkpoint-tmp*` and renames it, so a save that fails (a full disk) or
-is killed leaves the previous checkpoints intact; the partial directory is removed. Restore takes
+Every process calls save and restore (each writes and reads its own shards). On a disk saves are
+atomic: orbax writes `<step>.orbax-checkpoint-tmp*` and renames it, so a save that fails (a full disk)
+or is killed leaves the previous checkpoints intact; the partial directory is removed. In a bucket
+(no rename) orbax writes `<step>/` in place and writes COMMIT_FILE last: a step without it is not
+listed, never restored, and removed by orbax at the next start. Restore takes
 an abstract state carrying the current mesh's shardings, so a checkpoint restores onto any mesh or
 process count. A checkpoint that cannot be read is reported, moved aside to
 `<directory>_unreadable/` and the previous one is used; if none can be read the run stops rather
@@ -17,6 +19,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging as py_logging
+import re
+import sys
 import time
 
 import jax
@@ -28,6 +32,7 @@ from dmt_jax import storage
 from dmt_jax.errors import UserError
 
 TMP_MARKER = ".orbax-checkpoint-tmp"
+COMMIT_FILE = "commit_success.txt"  # what orbax writes last into a step saved in a bucket
 
 
 class CheckpointError(UserError, ValueError):
@@ -107,8 +112,12 @@ class Checkpointer:
         step, self.in_flight = self.in_flight, None
         return self._settle(step, self._attempt(self.manager.wait_until_finished))
 
-    def restore_latest(self, abstract_state):
+    def restore_latest(self, abstract_state, check=None):
         """(state, data) from the newest readable checkpoint, or None if the directory holds none.
+
+        `check(step, data)` is called with a checkpoint's data item (its input position and run record)
+        before its arrays are read, and may refuse it (raise): a resume of another run stops there, in its
+        own words, not in a failed restore of arrays of other shapes.
 
         Only a damaged checkpoint (missing or truncated files, unreadable metadata) is set aside for
         an older one; any other failure (a storage outage, out of memory, a changed model) raises
@@ -116,11 +125,18 @@ class Checkpointer:
         """
         unreadable = []
         for step in reversed(self.steps()):
-            restored, error, status = self._try_restore(step, abstract_state)
+            data, error, status = self._try_restore(step, data=ocp.args.JsonRestore())
             worst = _worst_everywhere(status)
             if worst == _OK:
+                if check is not None:
+                    check(step, data["data"])
+                restored, error, status = self._try_restore(
+                    step, state=ocp.args.StandardRestore(abstract_state)
+                )
+                worst = _worst_everywhere(status)
+            if worst == _OK:
                 self._set_aside(unreadable)
-                return restored["state"], restored["data"]
+                return restored["state"], data["data"]
             if worst == _FAILED:
                 raise RestoreFailed(
                     f"could not restore the checkpoint at step {step} in {self.directory} "
@@ -149,6 +165,30 @@ class Checkpointer:
                 print(f"checkpoint at step {step} NOT saved ({error})", flush=True)
         self.manager.close()
         self._remove_partial()
+        py_logging.getLogger("absl").removeFilter(_DROP_ORBAX_RECORDS)
+
+    def abort(self):
+        """Ends without waiting for a save in flight (a second Ctrl-C): what it wrote so far is removed
+        (process 0; the process then ends at once): the `<step>.orbax-checkpoint-tmp*` folders on a disk;
+        in a bucket, where orbax writes `<step>/` in place and marks it finished last, the steps without
+        their COMMIT_FILE."""
+        self.in_flight = None
+        if jax.process_index() != 0 or not self.directory.exists():
+            return
+        remote = storage.is_remote(self.directory)
+        for _ in range(10):  # writes already under way (tensorstore's) may land after a removal: again
+            found = [
+                child
+                for child in self.directory.iterdir()
+                if TMP_MARKER in child.name
+                or (remote and child.name.isdigit() and not (child / COMMIT_FILE).exists())
+            ]
+            for child in found:
+                with contextlib.suppress(OSError):
+                    child.rmtree()
+            if not found:
+                break
+            time.sleep(0.1)
         py_logging.getLogger("absl").removeFilter(_DROP_ORBAX_RECORDS)
 
     def _attempt(self, action) -> str:
@@ -189,12 +229,11 @@ class Checkpointer:
                 with contextlib.suppress(Exception), _quiet_orbax():
                     wait()
 
-    def _try_restore(self, step: int, abstract_state):
-        """(restored or None, the exception or None, _OK / _DAMAGED / _FAILED) on this process."""
-        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore())
+    def _try_restore(self, step: int, **items):
+        """(restored items or None, the exception or None, _OK / _DAMAGED / _FAILED) on this process."""
         try:
             with _quiet_orbax():
-                return self.manager.restore(step, args=args), None, _OK
+                return self.manager.restore(step, args=ocp.args.Composite(**items)), None, _OK
         except Exception as e:  # noqa: BLE001 - sorted below: damage, or anything else (re-raised)
             return None, e, (_DAMAGED if is_damage(e) else _FAILED)
 
@@ -243,13 +282,58 @@ class _DropOrbaxRecords(py_logging.Filter):
 _DROP_ORBAX_RECORDS = _DropOrbaxRecords()
 
 
+def committed_steps(directory: str) -> list[int]:
+    """The steps of the finished checkpoints in another run's directory, as orbax tells them (a save still
+    being written or finalized, and a step being deleted by its rotation, are not among them)."""
+    with _quiet_orbax():
+        options = ocp.CheckpointManagerOptions(read_only=True)
+        manager = ocp.CheckpointManager(storage.path(directory), options=options)
+        try:
+            return sorted(manager.all_steps())
+        finally:
+            manager.close()
+
+
+def _drop_failed_save_echoes():
+    """A failed save is said in one line; its echoes are dropped. orbax writes each save under one asyncio
+    loop and closes it at the first failed write, while tensorstore's other writes are still in flight:
+    each of them, done later, reports RuntimeError('Event loop is closed') through sys.unraisablehook
+    (hundreds of tracebacks), and asyncio logs every failed write's task ('Task exception was never
+    retrieved') when it is collected."""
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_closed_loop", False):
+        return
+
+    def hook(unraisable):
+        error = unraisable.exc_value
+        if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook.drops_closed_loop = True
+    sys.unraisablehook = hook
+    py_logging.getLogger("asyncio").addFilter(_UnretrievedOrbaxTask())
+
+
+class _UnretrievedOrbaxTask(py_logging.Filter):
+    def filter(self, record: py_logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("Task exception was never retrieved") and "orbax" in message)
+
+
+_drop_failed_save_echoes()
+
+
 def read_state(directory: str, step: int) -> dict:
     """The train state of the checkpoint at `step` as numpy arrays (no mesh, no abstract state needed):
     for reading another run's weights, e.g. the student a fine-tuning starts from."""
     path = storage.path(directory) / str(step) / "state"
     with _quiet_orbax():
         reader = ocp.PyTreeCheckpointer()
-        tree = reader.metadata(path).item_metadata.tree
+        metadata = reader.metadata(path)
+        if metadata is None or getattr(metadata, "item_metadata", None) is None:
+            raise FileNotFoundError(f"{path}: its metadata is missing or unreadable")
+        tree = metadata.item_metadata.tree
         args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
         return reader.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))
 
@@ -327,9 +411,14 @@ def _own_failure(e: BaseException) -> BaseException:
     return e
 
 
+# tensorstore appends the whole JSON spec of the store (kilobytes) and C++ source locations to its errors.
+_TENSORSTORE_TAIL = re.compile(r"\s*\[(tensorstore_spec|source locations)=.*$")
+
+
 def _one_line(e: BaseException) -> str:
+    """The error's first line, whole (paths are never cut), without tensorstore's spec dump."""
     text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:200] if text else ''}"
+    return f"{type(e).__name__}: {_TENSORSTORE_TAIL.sub('', text[0]) if text else ''}"
 
 
 @contextlib.contextmanager

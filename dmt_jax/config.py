@@ -289,6 +289,11 @@ BASE_SCHEMA = {
         strings,
     ),
     "teacher_weights": Field((), "loss weight per teacher (normalized to sum 1); (): equal weights", weights),
+    "allow_duplicate_teachers": Field(
+        False,
+        "allow one teacher named twice (it then weighs double; teacher_weights says so openly)",
+        boolean,
+    ),
     "teacher_dtype": Field("bfloat16", "dtype of the frozen teachers' weights and matmuls", DTYPES),
     # Objective (METHOD.md 3-7).
     "mask_ratio": Field(0.75, "fraction of the student's patches masked out", between(0, 1, high_open=True)),
@@ -381,7 +386,13 @@ BASE_SCHEMA = {
                 ),
                 "norm": Field(
                     "layernorm",
-                    "target normalization: none | layernorm (DMT's) | standardize (UNIC) | phi_s (RADIOv2.5)",
+                    "dense targets' normalization: none | layernorm (DMT) | standardize (UNIC) | phi_s",
+                    one_of("none", "layernorm", "standardize", "phi_s"),
+                ),
+                "summary_norm": Field(
+                    "none",
+                    "summary target's normalization, the same kinds (phi_s: needs phi_s_steps x batch_size "
+                    "above its width)",
                     one_of("none", "layernorm", "standardize", "phi_s"),
                 ),
                 "summary_weight": Field(1.0, "weight of this teacher's summary loss", non_negative),
@@ -482,8 +493,14 @@ BASE_SCHEMA = {
     "evaluate": Field(True, "False: no k-NN / probe / alignment at all, not even at the end", boolean),
     "knn_k": Field(20, "neighbours of the k-NN classifier", integer(at_least(1))),
     "knn_temperature": Field(0.07, "temperature of the k-NN vote weights", positive),
-    "linear_probe_steps": Field(
-        300, "full-batch steps of a softmax probe on the k-NN splits; 0: no probe", integer(non_negative)
+    "linear_probe_epochs": Field(
+        150,
+        "epochs of the softmax probe (minibatch AdamW, lr 1e-2, cosine) on the k-NN bank; 0: no probe. "
+        "150 x batch 256 matches a 300-step full-batch probe within 0.5 points on the demo",
+        integer(non_negative),
+    ),
+    "linear_probe_batch_size": Field(
+        256, "bank rows per linear-probe step, all devices together (at most the bank)", integer(positive)
     ),
     "eval_batch_size": Field(
         256, "images per evaluation batch, rounded up to a multiple of the device count", integer(positive)
@@ -551,7 +568,14 @@ DATA_SCHEMA = {
     "crop_scale": Field(
         (0.2, 1.0), "random-resized-crop area range (fractions of the image)", range_pair(0, 1)
     ),
-    "crop_ratio": Field((3 / 4, 4 / 3), "random-resized-crop aspect-ratio range", range_pair(0, None)),
+    "crop_ratio": Field(
+        (3 / 4, 4 / 3), "random-resized-crop aspect-ratio range (sampled log-uniform)", range_pair(0, None)
+    ),
+    "interpolation": Field(
+        "bilinear",
+        "resizing of training crops and evaluation images, antialiased as PIL's: bilinear | bicubic",
+        one_of("bilinear", "bicubic"),
+    ),
     "eval_crop_fraction": Field(
         0.875,
         "center crop of evaluation images (resize to img_size / it, then crop)",
@@ -634,29 +658,45 @@ def agglomerative_problems(c: mc.ConfigDict, entries: list[str]) -> list[str]:
 
 def consistency_problems(c: mc.ConfigDict) -> list[str]:
     """Problems between fields of a distillation config (each field alone passed its own check)."""
-    from dmt_jax.models.vit import parse_variant
-
     problems = []
     entries = [e for e in c.teachers if e]
     if not entries:
         problems.append("--config.teachers names no teacher: give converted teacher directories")
     problems += agglomerative_problems(c, entries)
+    if duplicates := [] if c.allow_duplicate_teachers else duplicate_teachers(entries):
+        problems.append(
+            f"--config.teachers names one teacher twice ({'; '.join(duplicates)}): it would silently weigh "
+            "double; give each once (teacher_weights sets weights), or pass "
+            "--config.allow_duplicate_teachers=True"
+        )
     if c.teacher_weights and len(c.teacher_weights) != len(entries):
         problems.append(
             f"--config.teacher_weights has {len(c.teacher_weights)} entries for "
             f"{len(entries)} teachers: give one per teacher, or () for equal weights"
         )
-    if not vit_variant(c.student.variant):
-        patch = parse_variant(c.student.variant)["patch_size"]
+    return problems + shared_consistency_problems(c, "student.variant", c.evaluate, stages=c.stages)
+
+
+def shared_consistency_problems(
+    c: mc.ConfigDict, variant_field: str, needs_eval: bool, stages=()
+) -> list[str]:
+    """The checks between fields both entry points have: image size (and resolution `stages`) and patch,
+    min_lr and the peak, the distributed fields, the profile window, the folders a folder dataset needs."""
+    from dmt_jax.models.vit import parse_variant
+
+    problems = []
+    variant = _get(c, variant_field)
+    if not vit_variant(variant):
+        patch = parse_variant(variant)["patch_size"]
         if c.img_size % patch:
             problems.append(
-                f"--config.img_size={c.img_size} is not a multiple of the student's patch size "
-                f"{patch} ({c.student.variant})"
+                f"--config.img_size={c.img_size} is not a multiple of the {variant_field.split('.')[0]}'s "
+                f"patch size {patch} ({variant})"
             )
-        if bad := [px for _, px in c.stages if px % patch]:
+        if bad := [px for _, px in stages if px % patch]:
             problems.append(
                 f"--config.stages: student sizes {bad} are not multiples of its patch size {patch} "
-                f"({c.student.variant})"
+                f"({variant})"
             )
     if c.batch_size > 0 and c.base_lr > 0 and c.min_lr > c.base_lr * c.batch_size / 256:
         problems.append(f"--config.min_lr={c.min_lr} is above the peak lr base_lr * batch_size / 256")
@@ -672,7 +712,7 @@ def consistency_problems(c: mc.ConfigDict) -> list[str]:
             f"--config.profile_steps={tuple(c.profile_steps)} ends after total_steps={c.total_steps}"
         )
     if c.data.source == "folder":
-        needed = ["folder_train"] + (["folder_eval"] if c.evaluate else [])
+        needed = ["folder_train"] + (["folder_eval"] if needs_eval else [])
         if missing := [f"data.{n}" for n in needed if not c.data[n]]:
             problems.append(
                 f"--config.data.source='folder' needs {' and '.join(missing)}: folders of class folders"
@@ -680,12 +720,53 @@ def consistency_problems(c: mc.ConfigDict) -> list[str]:
     return problems
 
 
-# ---------------------------------------------------------------- fine-tuning (dmt_jax/finetune.py)
+def finetune_consistency_problems(c: mc.ConfigDict) -> list[str]:
+    """Problems between fields of a fine-tuning config (it always evaluates on the validation split)."""
+    return shared_consistency_problems(c, "model.variant", needs_eval=True)
+
+
+def duplicate_teachers(entries) -> list[str]:
+    """'ENTRY (entries i and j)' for each teacher named more than once: directories by their resolved
+    path (~, links and .. resolved: storage.resolve), generated teachers by their entry."""
+    from dmt_jax import storage
+    from dmt_jax.errors import UserError
+
+    seen, found = {}, []
+    for i, named in enumerate(entries):
+        entry = split_teacher_name(named)[1]  # two names for one teacher are one teacher twice
+        try:
+            key = entry if entry.startswith(("random:", "demo:")) else storage.resolve(entry)
+        except UserError:  # an unusable path: check_teacher_dir names it
+            continue
+        if key in seen:
+            found.append(f"{named!r} (entries {seen[key]} and {i})")
+        seen.setdefault(key, i)
+    return found
+
+
+# ---------------------------------------------------------------- fine-tuning (dmt_jax/finetune/)
 
 
 def _default(name: str, value, schema: Mapping = BASE_SCHEMA) -> Field:
     """A distillation field with another default: the fields both loops share keep one meaning and check."""
     return dataclasses.replace(schema[name], default=value)
+
+
+def _reworded(name: str, meaning: str) -> Field:
+    """A data field with the fine-tuning's own meaning in --help (same default and check)."""
+    return dataclasses.replace(DATA_SCHEMA[name], help=meaning)
+
+
+# What the data fields mean to a fine-tuning (it trains on the training split and measures top-1/top-5 on
+# the validation split; the k-NN memory-bank fields are not read).
+FINETUNE_DATA_HELP = {
+    "train_split": "tfds split fine-tuned on",
+    "knn_train_split": "not read by fine-tuning (the distillation's k-NN memory bank)",
+    "knn_eval_split": "tfds validation split (top-1/top-5, center crop)",
+    "folder_train": "folder of class subfolders fine-tuned on (source=folder)",
+    "folder_knn_train": "not read by fine-tuning (the distillation's k-NN memory bank)",
+    "folder_eval": "folder of class subfolders of the validation split (source=folder)",
+}
 
 
 # Defaults: MAE's ViT-B/16 fine-tuning recipe (He et al. 2022, Table 9 / main_finetune.py); the
@@ -711,6 +792,12 @@ FINETUNE_SCHEMA = {
             one_of("avg", "token"),
         ),
         "head_init_std": Field(2e-5, "std of the classifier's initial weights (MAE: 2e-5)", positive),
+        "residual_dtype": Field(
+            "float32",
+            "dtype of the residual stream (and position embeddings); '': the matmuls' `dtype`. float32, "
+            "as MAE's autocast keeps it, fine-tuned the demo as well as bfloat16 (bench/RESULTS.md)",
+            one_of("", "float32", "bfloat16"),
+        ),
     },
     "num_classes": Field(
         -1, "classes of the classifier; -1: those of the training set", integer(at_least(1, or_=(-1,)))
@@ -750,9 +837,11 @@ FINETUNE_SCHEMA = {
     # folder_eval is the validation split (center crop).
     "data": {
         **DATA_SCHEMA,
+        **{name: _reworded(name, meaning) for name, meaning in FINETUNE_DATA_HELP.items()},
         "crop_scale": _default("crop_scale", (0.08, 1.0), DATA_SCHEMA),
         "randaugment": _default("randaugment", "rand-m9-mstd0.5-inc1", DATA_SCHEMA),
         "random_erasing": _default("random_erasing", 0.25, DATA_SCHEMA),
+        "interpolation": _default("interpolation", "bicubic", DATA_SCHEMA),
     },
     "checkpoint_every": BASE_SCHEMA["checkpoint_every"],
     "keep_checkpoints": BASE_SCHEMA["keep_checkpoints"],
@@ -814,6 +903,30 @@ def imagenet_recipe(student: str, drop_path: float) -> mc.ConfigDict:
     return c
 
 
+# Other trainers' names for a word of ours (PyTorch's optimizers say learning_rate / lr).
+_WORD_SYNONYMS = {"learning_rate": "lr", "learningrate": "lr"}
+
+
+def nearest_names(name: str, options) -> list[str]:
+    """The valid names a mistyped `name` most likely meant, at most three, in schema order: a near spelling
+    ('batchsize' -> batch_size, 'teacher' -> teachers), else those holding every word of it ('lr' ->
+    base_lr, min_lr; 'warmup' -> warmup_epochs, warmup_steps), else a looser spelling, else those
+    containing it ('root' -> demo_root)."""
+    options = list(options)
+    name = _WORD_SYNONYMS.get(name.lower(), name)
+    words = set(name.lower().split("_")) - {""}
+    found = difflib.get_close_matches(name, options, n=1, cutoff=0.8)
+    found = found or [o for o in options if words and words <= set(o.lower().split("_"))]
+    found = found or difflib.get_close_matches(name, options, n=1)
+    found = found or [o for o in options if len(name) >= 2 and name.lower() in o.lower()]
+    return found[:3]
+
+
+def _either(names: list[str]) -> str:
+    quoted = [repr(n) for n in names]
+    return quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} or {quoted[-1]}"
+
+
 def unknown_field_message(config: mc.ConfigDict, dotted: str) -> str:
     """'config field X does not exist; did you mean Y?' for a dotted name; '' if X exists."""
     node, parts = config, dotted.split(".")
@@ -822,9 +935,12 @@ def unknown_field_message(config: mc.ConfigDict, dotted: str) -> str:
             node = node[part]
             continue
         options = list(node.keys()) if isinstance(node, mc.ConfigDict) else []
-        near = difflib.get_close_matches(part, options, n=1)
+        near = nearest_names(part, options)
         if not near:
             return f"config field {dotted!r} does not exist"
+        if len(near) > 1:  # several fit: name them all, each as a whole dotted name
+            names = [".".join(parts[:i] + [n]) for n in near]
+            return f"config field {dotted!r} does not exist; did you mean {_either(names)}?"
         guess = parts[:i] + near + parts[i + 1 :]
         if unknown_field_message(config, ".".join(guess)):  # the rest is wrong too: offer the part that fits
             guess = parts[:i] + near

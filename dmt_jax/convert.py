@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from dmt_jax import formats, storage
+from dmt_jax import formats, hub, storage
 from dmt_jax.errors import UserError, os_error_message
 from dmt_jax.formats import files
 from dmt_jax.models.vit import ACTIVATIONS
@@ -39,11 +39,66 @@ def _first_line(error: BaseException) -> str:
 
 
 def read_checkpoint(src: str | os.PathLike) -> Mapping:
-    """The checkpoint's top-level dict, read without running any code from it (formats/files.py)."""
+    """The checkpoint's top-level dict, read without running any code from it (formats/files.py), and
+    refused before anything in it is materialized when it cannot be a checkpoint (check_contents)."""
     try:
-        return files.read_checkpoint(src)
+        ckpt = files.read_checkpoint(src)
     except formats.FormatError as e:
         raise ConversionError(_first_line(e)) from e
+    check_contents(ckpt, os.path.getsize(src))
+    return ckpt
+
+
+# What the file may declare, in float32 bytes, per byte it holds: a float16 file doubles, a uint8 buffer
+# quadruples; a file declaring more repeats its storage (stride-0 views) and would be materialized.
+DECLARED_PER_FILE_BYTE = 4
+DECLARED_SLACK = 2**26  # 64 MB: small files
+
+
+def check_contents(ckpt: Mapping, file_bytes: int) -> None:
+    """ConversionError (one line) for a file that cannot be a checkpoint, read before anything in it is
+    materialized: a key that is not a string where names are (the top level, a dict holding tensors);
+    a tensor with more elements than its storage holds (a stride-0 / expanded view); tensors declaring
+    more float32 bytes than the file could hold (views repeating one storage)."""
+    bad_keys, repeats, declared = [], [], 0
+
+    def walk(node, where: str, depth: int):
+        nonlocal declared
+        if depth > 8:
+            return
+        if isinstance(node, Mapping):
+            holds_tensors = any(hasattr(v, "shape") for v in node.values())
+            if depth == 0 or holds_tensors:
+                bad_keys.extend(
+                    f"{where}[{k!r}] ({type(k).__name__})" for k in node if not isinstance(k, str)
+                )
+            for k, v in node.items():
+                walk(v, f"{where}[{k!r}]", depth + 1)
+        elif isinstance(node, list | tuple):
+            for i, v in enumerate(node):
+                walk(v, f"{where}[{i}]", depth + 1)
+        elif hasattr(node, "untyped_storage"):  # a torch tensor: its size says nothing of its storage's
+            if node.numel() * node.element_size() > node.untyped_storage().nbytes():
+                repeats.append(f"{where} ({tuple(node.shape)} from {node.untyped_storage().nbytes()} bytes)")
+            declared += node.numel() * 4
+        elif hasattr(node, "shape") and hasattr(node, "size"):
+            declared += int(node.size) * 4
+
+    walk(ckpt, "checkpoint", 0)
+    if bad_keys:
+        raise ConversionError(
+            f"not a checkpoint: keys that are not strings: {formats.name_list(bad_keys, 3)}"
+        )
+    if repeats:
+        raise ConversionError(
+            f"not a checkpoint: tensors that repeat their storage (stride-0 or overlapping views), which a "
+            f"checkpoint never holds and would be materialized whole: {formats.name_list(repeats, 3)}"
+        )
+    if declared > DECLARED_PER_FILE_BYTE * file_bytes + DECLARED_SLACK:
+        raise ConversionError(
+            f"not a checkpoint: its tensors declare {declared / 1e9:.1f} GB as float32 in a file of "
+            f"{file_bytes / 1e6:.1f} MB (views repeating one storage); nothing was materialized"
+        )
 
 
 def _to_numpy(array) -> np.ndarray:
@@ -59,26 +114,26 @@ def _is_float(array) -> bool:
     return np.issubdtype(np.asarray(array).dtype, np.floating)
 
 
-def _all_finite(array) -> bool:
-    if hasattr(array, "detach"):
-        import torch
-
-        return bool(torch.isfinite(array).all())
-    return bool(np.isfinite(array).all())
+# Options every format takes, how its input is prepared (the others: CheckpointFormat.options).
+_INPUT_OPTIONS = ("mean", "std", "input_resize")
 
 
 def convert_checkpoint(
-    src: str | os.PathLike,
+    src: str | os.PathLike | Mapping,
     out: str | os.PathLike,
     fmt: str = "auto",
     img_size: int | None = None,
     overwrite: bool = False,
     options: Mapping[str, Any] | None = None,
+    source_name: str | None = None,
 ) -> TeacherSpec:
     """Converts `src` into the teacher directory `out`; ConversionError (one line) on any bad input.
 
+    src: a checkpoint file, a name (timm:NAME, hf-hub:REPO, open_clip:MODEL/PRETRAINED, torchhub:NAME;
+    fetched by dmt_jax/hub.py), or a checkpoint's tensors already read.
     options: what the tensor shapes cannot tell, for the formats that take it (`act`, `num_heads`,
-    `mean`, `std`); None values mean the format's default."""
+    `ln_eps`; `mean`, `std`, `input_resize` for every format); None values mean the format's default.
+    source_name: where the weights came from, for the spec (default: the file's absolute path)."""
     out = storage.path(out) if storage.is_remote(out) else Path(out)  # gs://... stays a bucket path
     options = {k: v for k, v in (options or {}).items() if v is not None}
     if fmt != "auto" and fmt not in formats.FORMATS:
@@ -86,11 +141,23 @@ def convert_checkpoint(
     try:
         if not storage.is_remote(out):  # a bucket is checked by save_teacher
             check_writable(out, overwrite)  # before reading a large file
-        _say(f"reading {src}")
-        ckpt = read_checkpoint(src)
+        if not isinstance(src, Mapping) and hub.is_name(src):  # timm:NAME, hf-hub:REPO, ...: fetch it
+            _say(f"fetching {src}")
+            fetched = hub.fetch(os.fspath(src))
+            fmt = fetched.fmt if fmt == "auto" else fmt
+            options = {**fetched.options, **options}  # the user's options win over the library's
+            source_name, src = source_name or fetched.source, fetched.checkpoint
+        if isinstance(src, Mapping):
+            ckpt = src
+        else:
+            _say(f"reading {src}")
+            ckpt = read_checkpoint(src)
+        guessed = fmt == "auto"
         fmt = formats.detect(ckpt) if fmt == "auto" else fmt
         source = formats.get(fmt)
-        if refused := sorted(set(options) - set(source.options) - {"mean", "std"}):
+        if guessed and source.guess and (why := source.guess(ckpt)):
+            _say(f"format {fmt} is a guess ({why}): if it is another, convert again with --format NAME")
+        if refused := sorted(set(options) - set(source.options) - set(_INPUT_OPTIONS)):
             takes = ", ".join("--" + o.replace("_", "-") for o in source.options) or "neither"
             raise ConversionError(
                 f"--{refused[0].replace('_', '-')} does not apply to --format {fmt} (it takes: {takes})"
@@ -99,7 +166,14 @@ def convert_checkpoint(
             state = source.to_reference(ckpt)
         except formats.FormatError:
             raise
-        except (RuntimeError, TypeError, KeyError, IndexError, ValueError) as e:  # tensors that do not add up
+        except (
+            RuntimeError,
+            TypeError,
+            KeyError,
+            IndexError,
+            ValueError,
+            AttributeError,
+        ) as e:  # do not add up
             raise ConversionError(f"cannot unwrap the checkpoint as {fmt}: {_first_line(e)}") from e
         del ckpt
         if bad := sorted(k for k, v in state.items() if not hasattr(v, "shape") or not hasattr(v, "dtype")):
@@ -121,11 +195,15 @@ def convert_checkpoint(
 
         if bad := sorted(f"{k} ({v.dtype})" for k, v in state.items() if not _is_float(v)):
             raise ConversionError(f"tensors that are not floating point: {formats.name_list(bad)}")
-        if bad := sorted(k for k, v in state.items() if not _all_finite(v)):
+        # Checked after the cast: float64 weights beyond float32's range (3.4e38) would become Inf.
+        arrays = {k: _to_numpy(v) for k, v in state.items()}
+        del state
+        if bad := sorted(k for k, a in arrays.items() if not np.isfinite(a).all()):
             raise ConversionError(
-                f"tensors holding NaN or Inf: {formats.name_list(bad)}; the checkpoint is damaged"
+                f"tensors holding NaN or Inf: {formats.name_list(bad)} (as float32: values beyond its range, "
+                "3.4e38, are Inf); the checkpoint is damaged"
             )
-        flat = source.to_flax({k: _to_numpy(v) for k, v in state.items()}, config)
+        flat = source.to_flax(arrays, config)
         inputs = dict(mean=source.mean, std=source.std, input_resize=source.input_resize)
         inputs.update(source.inputs_for(config) if source.inputs_for else {})
         spec = TeacherSpec(
@@ -134,8 +212,8 @@ def convert_checkpoint(
             config=config,
             mean=options.get("mean", inputs["mean"]),
             std=options.get("std", inputs["std"]),
-            input_resize=inputs["input_resize"],
-            source=str(Path(src).resolve()),
+            input_resize=options.get("input_resize", inputs["input_resize"]),
+            source=source_name or str(Path(src).resolve()),
             source_img_size=source_img_size,
             pos_embed_resize=resize,
         )
@@ -166,7 +244,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         epilog=_formats_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("src", help="checkpoint file: .pth, .pth.tar, .pt, .bin, .safetensors or .npz")
+    parser.add_argument(
+        "src",
+        help="checkpoint file (.pth, .pth.tar, .pt, .bin, .safetensors, .npz) or a name: timm:NAME, "
+        "hf-hub:ORG/REPO, open_clip:MODEL/PRETRAINED, torchhub:NAME (fetched through that library's hub "
+        "and cache; HF_HUB_OFFLINE=1: the caches only)",
+    )
     parser.add_argument("out", help="output directory (spec.json + params.safetensors); must not exist")
     parser.add_argument(
         "--format", default="auto", choices=["auto", *formats.DETECTION_ORDER], help="default: detect"

@@ -11,8 +11,8 @@ Teacher entry: 'demo:VARIANT@PX:SEED', e.g. 'demo:mu/8@64:3' (a /8 ViT fed 64 px
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import time
 
 import flax.linen as nn
 import jax
@@ -22,13 +22,14 @@ import optax
 
 from dmt_jax import objective
 from dmt_jax.models.vit import ViT
+from dmt_jax.progress import Progress
 from dmt_jax.teachers import Teacher, TeacherSpec, load_teacher, make_random_teacher, save_teacher
 
 # Small batches: on a CPU a ViT this small costs 0.9 ms of CPU per image at batch 16 against 1.35
 # at batch 64 (activations that fit the cache), and more updates help on 640 images. 1000 steps of
 # 16 reach k-NN 50-65% (500 steps of 64, at twice the CPU time, reached 62-73%).
 STEPS, BATCH, LR = 1000, 16, 3e-3
-PROGRESS_EVERY = 100  # steps between progress lines: no silent pauses
+LOSS_EVERY = 50  # steps between readings of the loss for the progress report
 
 
 class _Classifier(nn.Module):
@@ -48,14 +49,13 @@ def demo_teacher(variant: str, img_size: int, seed: int, data_config, student_im
     name = f"{variant.replace('/', '_')}_{img_size}px_seed{seed}_steps{STEPS}_batch{BATCH}_lr{LR:g}"
     cache = data.demo_dataset_root(data_config) / "teachers" / name
     if (cache / "spec.json").exists():
-        return load_teacher(cache)
+        cached = load_teacher(cache)  # caches written before teachers were named 'demo' say 'mae'
+        return Teacher(dataclasses.replace(cached.spec, format="demo"), cached.params)
     print(
-        f"training demo teacher {variant} at {img_size}px (seed {seed}) for {STEPS} steps; "
-        f"cached in {cache} for later runs",
+        f"training demo teacher {variant} at {img_size}px (seed {seed}); cached in {cache} for later runs",
         flush=True,
     )
-    t0 = time.perf_counter()
-    start = make_random_teacher(variant, img_size, seed)
+    start = make_random_teacher(variant, img_size, seed, fmt="demo")
     source = data.make_source(data_config, "train")
     model = _Classifier(start.spec.model(), source.num_classes)
     # The encoder comes initialized; only the linear head is new (model.init would re-initialize
@@ -67,12 +67,14 @@ def demo_teacher(variant: str, img_size: int, seed: int, data_config, student_im
     stream = data.make_train_input(
         data_config, source, global_batch=BATCH, img_size=student_img_size, seed=seed
     )
-    for i, batch in zip(range(1, STEPS + 1), stream, strict=False):
-        params, opt_state, loss = step(params, opt_state, batch["image"], source.labels[batch["id"]])
-        if i % PROGRESS_EVERY == 0 or i == STEPS:
-            elapsed = time.perf_counter() - t0
-            print(f"  step {i}/{STEPS} | loss {float(loss):.3f} | {elapsed:.0f} s", flush=True)
-    teacher = Teacher(start.spec, jax.tree.map(np.asarray, params["encoder"]))
+    with Progress(f"demo teacher {variant}@{img_size} seed {seed}", total=STEPS, unit="steps") as progress:
+        for i, batch in zip(range(1, STEPS + 1), stream, strict=False):
+            params, opt_state, loss = step(params, opt_state, batch["image"], source.labels[batch["id"]])
+            # The loss only now and then: reading it waits for the step (the device runs ahead otherwise).
+            progress.update(1, note=f"loss {float(loss):.3f}" if i % LOSS_EVERY == 0 or i == STEPS else None)
+    trained = f"demo:{variant}@{img_size}:{seed}, trained {STEPS} steps of {BATCH} on the demo dataset"
+    spec = dataclasses.replace(start.spec, source=trained)
+    teacher = Teacher(spec, jax.tree.map(np.asarray, params["encoder"]))
     save_teacher(cache, teacher.spec, teacher.params, overwrite=True)
     return teacher
 
@@ -205,10 +207,7 @@ def demo_family_teacher(family: str, variant: str, img_size: int, seed: int, dat
     """The trained demo teacher of a family, from the cache or trained now: the ViT demo teachers' recipe
     (STEPS steps of BATCH demo images, labels through a linear head) at its FAMILY_LR, fed the demo's views
     at its own img_size and by its own input rule."""
-    import dataclasses
-
     from dmt_jax import data  # TensorFlow: only the demo path needs it here
-    from dmt_jax.progress import Progress
 
     entry = f"demo:{family}:{variant}@{img_size}:{seed}"
     spec = family_spec(family, variant, img_size)
@@ -227,10 +226,9 @@ def demo_family_teacher(family: str, variant: str, img_size: int, seed: int, dat
     opt_state = tx.init(params)
     stream = data.make_train_input(data_config, source, global_batch=BATCH, img_size=img_size, seed=seed)
     with Progress(f"demo teacher {entry}", total=STEPS, unit="steps") as progress:
-        for _, batch in zip(range(STEPS), stream, strict=False):
+        for i, batch in zip(range(1, STEPS + 1), stream, strict=False):
             params, opt_state, loss = step(params, opt_state, batch["image"], source.labels[batch["id"]])
-            progress.update(1)
-    print(f"  demo teacher {entry}: final training loss {float(loss):.3f}", flush=True)
+            progress.update(1, note=f"loss {float(loss):.3f}" if i % LOSS_EVERY == 0 or i == STEPS else None)
     trained = f"{entry}, trained {STEPS} steps of {BATCH} on the demo dataset"
     teacher = Teacher(dataclasses.replace(spec, source=trained), jax.tree.map(np.asarray, params["encoder"]))
     save_teacher(cache, teacher.spec, teacher.params, overwrite=True)

@@ -6,6 +6,7 @@ it in the message.
 """
 
 import errno
+import os
 import re
 
 
@@ -37,13 +38,26 @@ _REMEDIES = {
 }
 
 
-def remedy(error: BaseException) -> str:
-    """What to do about a failed write ('free space', ...), from the OSError's errno or, for errors of
-    libraries that wrap it (tensorstore), from an '[Errno N]' / 'OS error N' in the message; '' if unknown."""
-    code = getattr(error, "errno", None)
-    if code is None and (m := re.search(r"Errno (\d+)|OS error (\d+)", str(error))):
+def error_code(error: BaseException) -> int | None:
+    """The errno of a failed file operation: the OSError's own or, for errors of libraries that wrap
+    it (tensorstore, safetensors), an '[Errno N]' / 'OS error N' in the message; None if none."""
+    code = getattr(error, "errno", None) if isinstance(error, OSError) else None
+    if code is None and (m := re.search(r"errno (\d+)|os error (\d+)", str(error), re.IGNORECASE)):
         code = int(m.group(1) or m.group(2))
-    return _REMEDIES.get(code, "")
+    return code
+
+
+def remedy(error: BaseException) -> str:
+    """What to do about a failed write ('free space', ...), by its error_code; '' if unknown. Under a GCS
+    emulator (STORAGE_EMULATOR_HOST), tensorstore's 'Malformed StorageGeneration' names the emulator."""
+    emulator = os.environ.get("STORAGE_EMULATOR_HOST")
+    if emulator and "Malformed StorageGeneration" in str(error):
+        return (
+            f"the GCS emulator at {emulator} sends no x-goog-generation header, which tensorstore needs to "
+            "read what it wrote (the stock gcp-storage-emulator does not): serve the bucket with "
+            "`python -m dmt_jax.storage_emulator` instead (README, Cloud storage)"
+        )
+    return _REMEDIES.get(error_code(error), "")
 
 
 def os_error_message(error: OSError) -> str:

@@ -1,8 +1,13 @@
-"""Evaluation of the student on frozen features: k-NN top-1 and per-teacher alignment.
+"""Evaluation on frozen features: k-NN and linear-probe top-1, per-teacher alignment, CKA.
 
-k-NN follows DINO's protocol: cosine similarity on L2-normalized CLS features, the k nearest
-training features vote with weight exp(sim / T). Alignment is the mean cosine between each head's
-output and its teacher's normalized targets on held-out images (same masking as in training).
+Features stay where they are computed: a Bank holds one split's features sharded over the mesh's
+batch axes (devices and processes), never gathered on one host or device, so an ImageNet-sized bank
+(1.28M x 768) costs each of 8 devices an eighth of it (bench/RESULTS.md has the programs' memory).
+k-NN follows DINO's protocol: cosine similarity on L2-normalized CLS features, the k nearest bank
+features vote with weight exp(sim / T); each device finds the top k of its own rows and the
+candidates are merged. The linear probe is a softmax classifier trained with minibatch AdamW, data
+parallel over the bank's shards. Alignment is the mean cosine between each head's output and its
+teacher's normalized targets on held-out images (same masking as in training).
 """
 
 from __future__ import annotations
@@ -10,12 +15,17 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterable
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from dmt_jax import objective, parallel
 from dmt_jax.errors import UserError
+from dmt_jax.progress import Progress
 
 
 def make_eval_fns(setup):
@@ -82,9 +92,10 @@ def agglomerative_alignment(setup, state, teacher_params, pixels, images, keep):
 def collect(fn, batches: Iterable[dict], mesh, *args):
     """Run fn(*args, pixels) over eval batches; returns (outputs concatenated on host, labels).
 
-    Labels and the valid mask travel with the images as global arrays of the same sharding, so the
-    rows of every output line up with them whatever the mesh's device order; every process gets
-    the whole result (every process must call this).
+    For small outputs only (predicted classes, alignment scores): every process gets the whole
+    result. Features go to collect_banks, which keeps them sharded. Labels and the valid mask travel
+    with the images as global arrays of the same sharding, so the rows of every output line up with
+    them whatever the mesh's device order (every process must call this).
     """
     outs, labels = [], []
     for b in batches:
@@ -100,11 +111,14 @@ def collect(fn, batches: Iterable[dict], mesh, *args):
     cols = [np.concatenate(c) for c in zip(*outs, strict=True)]
     labels = np.concatenate(labels)
     if not len(labels):  # every image was dropped as unreadable: k-NN of nothing is no result
-        raise UserError(
-            "no image of an evaluation split could be read (all undecodable or over data.max_image_pixels): "
-            "check its files"
-        )
+        raise UserError(_NOTHING_READ)
     return (cols if len(cols) > 1 else cols[0]), labels
+
+
+_NOTHING_READ = (
+    "no image of an evaluation split could be read (all undecodable or over data.max_image_pixels): "
+    "check its files"
+)
 
 
 def eval_batch_size(requested: int, device_count: int) -> int:
@@ -112,72 +126,333 @@ def eval_batch_size(requested: int, device_count: int) -> int:
     return -(-max(requested, 1) // device_count) * device_count
 
 
-def knn_top1(train_x, train_y, test_x, test_y, k: int = 20, temperature: float = 0.07, chunk: int = 1024):
-    """Weighted k-NN (cosine) top-1 accuracy, in percent.
+# Work below these sizes takes seconds: it prints no progress (the demo's evaluations print none).
+_MIN_IMAGES = 10_000  # a feature pass
+_MIN_SIMILARITIES = 10**9  # k-NN: queries x bank rows
+_MIN_ROW_EPOCHS = 10**7  # linear probe: bank rows x epochs
 
-    The bank goes to the device once, as an argument (never a compiled-in constant), and the queries
-    in chunks of one shape (the last one padded), so one program serves every chunk and call.
+
+class _Quiet:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+def _progress(what: str, total: int, unit: str, work: int, threshold: int):
+    """dmt_jax/progress.py's report (process 0 prints it) for work of at least `threshold`."""
+    return Progress(what, total, unit) if work >= threshold else _Quiet()
+
+
+# ---------------------------------------------------------------- feature banks, sharded over the mesh
+
+BANK_SPEC = P(None, parallel.BATCH_AXES)  # [batches, rows, ...]: each device holds its rows of every batch
+
+
+@flax.struct.dataclass
+class Bank:
+    """The features of one split, sharded over the mesh's batch axes and never gathered: device d
+    holds its rows of every evaluation batch, as the batch arrived (no data moved to build it).
+
+    x [batches, B, D] float32; y [batches, B] int32, -1 for padding and unreadable images. k-NN and
+    the probe do not depend on the order of the rows, only on which rows there are.
     """
-    num_classes = int(max(train_y.max(), test_y.max())) + 1
-    k = min(k, len(train_x))
-    bank = jnp.asarray(_unit_rows(np.asarray(train_x, np.float32)))
-    bank_y = jnp.asarray(train_y, jnp.int32)
-    chunk = min(chunk, len(test_x))
+
+    x: jax.Array
+    y: jax.Array
+
+    @property
+    def mesh(self):
+        return self.x.sharding.mesh
+
+    def count(self) -> int:
+        return int(jnp.sum(self.y >= 0))
+
+
+def bank_from_host(x: np.ndarray, y: np.ndarray, mesh, batch: int) -> Bank:
+    """A Bank of host rows (one process: tests, benchmarks): batches of `batch` rows, the last padded."""
+    n, batch = len(x), eval_batch_size(batch, mesh.size)
+    num = -(-n // batch)
+    xs = np.zeros((num * batch, x.shape[1]), np.float32)
+    ys = np.full(num * batch, -1, np.int32)
+    xs[:n], ys[:n] = x, y
+    sharding = NamedSharding(mesh, BANK_SPEC)
+    return Bank(
+        *parallel.place_from_host((xs.reshape(num, batch, -1), ys.reshape(num, batch)), (sharding, sharding))
+    )
+
+
+def collect_banks(fn, batches, mesh, *args, what: str = "features") -> list[Bank]:
+    """fn(*args, pixels) -> features [B, D] (or a list of them) over every batch of an evaluation pass
+    (an EvalInput: its len() is its number of batches), kept where they were computed: one Bank per
+    output. Every process must call this."""
+    num_batches = len(batches)
+    if not num_batches:
+        raise ValueError("the evaluation split is empty")
+    banks, write, progress = None, _bank_writer(mesh), None
+    try:
+        for i, b in enumerate(batches):
+            batch = parallel.global_batch({k: b[k] for k in ("image", "label", "valid")}, mesh)
+            out = fn(*args, batch["image"])
+            features = list(out) if isinstance(out, list | tuple) else [out]
+            if banks is None:
+                banks = [_empty_bank(mesh, num_batches, f.shape) for f in features]
+                images = num_batches * batch["image"].shape[0]
+                progress = _progress(what, images, "img", work=images, threshold=_MIN_IMAGES)
+            banks = write(banks, jnp.int32(i), features, batch["label"], batch["valid"])
+            progress.update(batch["image"].shape[0])
+    finally:
+        if progress is not None:
+            progress.close()
+    if banks[0].count() == 0:  # every image was dropped as unreadable: k-NN of nothing is no result
+        raise UserError(_NOTHING_READ)
+    return banks
+
+
+def _empty_bank(mesh, num_batches: int, row_shape) -> Bank:
+    """A bank of zeros made where it lives (each device its shard; never on a host)."""
+    return _zeros_program(mesh, (num_batches, *row_shape))()
+
+
+@functools.cache
+def _zeros_program(mesh, shape: tuple[int, ...]):
+    sharding = NamedSharding(mesh, BANK_SPEC)
+    return jax.jit(
+        lambda: Bank(jnp.zeros(shape, jnp.float32), jnp.full(shape[:2], -1, jnp.int32)),
+        out_shardings=Bank(sharding, sharding),
+    )
+
+
+@functools.cache
+def _bank_writer(mesh):
+    """(banks, i, features, labels, valid) -> banks with batch i written in place, on each device its
+    own rows (the banks are donated: no second copy)."""
+    row = P(parallel.BATCH_AXES)
+
+    def write(banks, i, features, labels, valid):
+        y = jnp.where(valid, labels, -1)[None]
+        return [
+            Bank(
+                jax.lax.dynamic_update_slice_in_dim(b.x, f.astype(b.x.dtype)[None], i, 0),
+                jax.lax.dynamic_update_slice_in_dim(b.y, y, i, 0),
+            )
+            for b, f in zip(banks, features, strict=True)
+        ]
+
+    local = jax.shard_map(write, mesh=mesh, in_specs=(BANK_SPEC, P(), row, row, row), out_specs=BANK_SPEC)
+    return jax.jit(local, donate_argnums=(0,))
+
+
+def num_classes_of(*banks: Bank) -> int:
+    return int(max(jnp.max(b.y) for b in banks)) + 1
+
+
+# ---------------------------------------------------------------- k-NN: top-k per shard, then merged
+
+
+def knn_top1(
+    bank: Bank,
+    queries: Bank,
+    k: int = 20,
+    temperature: float = 0.07,
+    num_classes: int = 0,
+    what: str = "k-NN",
+):
+    """Weighted k-NN (cosine) top-1 accuracy of `queries` against `bank`, in percent (DINO's protocol).
+
+    Each query batch is gathered (B rows: small); every device takes the top k of its own bank rows,
+    and the k x devices candidates are merged into the global top k: the same neighbours as one top k
+    over the whole bank, which is never gathered. One compiled program serves every query batch.
+    """
+    num_classes = num_classes or num_classes_of(bank, queries)
+    k = min(k, bank.x.shape[0] * bank.x.shape[1])
+    program = _knn_program(bank.mesh, k, float(temperature), num_classes)
     correct = 0
-    for i in range(0, len(test_x), chunk):
-        q = np.asarray(test_x[i : i + chunk], np.float32)
-        n = len(q)
-        q = np.pad(q, ((0, chunk - n), (0, 0)))
-        pred = np.asarray(_knn_predict(bank, bank_y, jnp.asarray(q), k, float(temperature), num_classes))
-        correct += int((pred[:n] == test_y[i : i + n]).sum())
-    return 100.0 * correct / len(test_x)
+    batches, rows = queries.x.shape[:2]
+    similarities = batches * rows * bank.x.shape[0] * bank.x.shape[1]
+    with _progress(what, batches * rows, "queries", similarities, _MIN_SIMILARITIES) as progress:
+        for i in range(batches):
+            correct += int(program(bank, queries, jnp.int32(i)))
+            progress.update(rows)
+    return 100.0 * correct / queries.count()
 
 
-def _unit_rows(x: np.ndarray) -> np.ndarray:
-    return x / np.linalg.norm(x, axis=1, keepdims=True).clip(1e-12)
+def _query_chunk(rows: int, limit: int = 512) -> int:
+    """The largest divisor of `rows` not above `limit`: queries scored at once (bounds [chunk, bank rows])."""
+    return max(c for c in range(1, min(rows, limit) + 1) if rows % c == 0)
 
 
-@functools.partial(jax.jit, static_argnames=("k", "temperature", "num_classes"))
-def _knn_predict(bank, bank_y, q, k: int, temperature: float, num_classes: int):
-    q = q / jnp.linalg.norm(q, axis=1, keepdims=True).clip(1e-12)
-    sims, idx = jax.lax.top_k(q @ bank.T, k)
-    # One-hot of the k neighbours only ([Q, k, C]), not of the whole bank ([N, C]).
-    votes = (jnp.exp(sims / temperature)[:, :, None] * jax.nn.one_hot(bank_y[idx], num_classes)).sum(1)
-    return votes.argmax(-1)
+@functools.cache
+def _knn_program(mesh, k: int, temperature: float, num_classes: int):
+    axes = parallel.BATCH_AXES
+
+    def local(bank, queries, i):
+        x = bank.x.reshape(-1, bank.x.shape[-1])  # this device's rows
+        y = bank.y.reshape(-1)
+        inverse_norm = jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=1), 1e-24))  # no normalized copy
+        q = jax.lax.all_gather(queries.x[i], axes, tiled=True)  # [B, D]: the batch's queries, everywhere
+        q_y = jax.lax.all_gather(queries.y[i], axes, tiled=True)
+        chunk = _query_chunk(q.shape[0])
+        local_k = min(k, x.shape[0])
+
+        def score(q):
+            q = q / jnp.linalg.norm(q, axis=1, keepdims=True).clip(1e-12)
+            sims = (q @ x.T) * inverse_norm[None]
+            sims = jnp.where(y[None] >= 0, sims, -jnp.inf)  # padding rows are nobody's neighbour
+            sims, idx = jax.lax.top_k(sims, local_k)
+            # Merge: every device's candidates, then the top k of them.
+            sims = jax.lax.all_gather(sims, axes, axis=1, tiled=True)
+            labels = jax.lax.all_gather(y[idx], axes, axis=1, tiled=True)
+            sims, j = jax.lax.top_k(sims, k)
+            labels = jnp.take_along_axis(labels, j, axis=1)
+            weights = jnp.where(jnp.isfinite(sims), jnp.exp(sims / temperature), 0.0)
+            # One-hot of the k neighbours only ([Q, k, C]), not of the whole bank ([N, C]).
+            votes = (weights[:, :, None] * jax.nn.one_hot(labels, num_classes)).sum(1)
+            return votes.argmax(-1)
+
+        pred = jax.lax.map(score, q.reshape(-1, chunk, q.shape[-1])).reshape(-1)
+        return jnp.sum((pred == q_y) & (q_y >= 0))
+
+    bank_specs = Bank(BANK_SPEC, BANK_SPEC)
+    program = jax.shard_map(
+        local, mesh=mesh, in_specs=(bank_specs, bank_specs, P()), out_specs=P(), check_vma=False
+    )
+    return jax.jit(program)
 
 
-def linear_probe_top1(train_x, train_y, test_x, test_y, steps: int = 300, lr: float = 1e-2, wd: float = 1e-4):
-    """Top-1 (percent) of a softmax classifier trained on frozen features, full batch, AdamW.
+# ---------------------------------------------------------------- linear probe: minibatch AdamW
 
-    Features are standardized with the training set's statistics (MAE's probe puts a BatchNorm
-    without affine parameters before its linear layer: the same thing, once). The features are
-    arguments of the compiled program, not constants in it.
+
+def linear_probe_top1(
+    bank: Bank,
+    queries: Bank,
+    epochs: int = 150,
+    batch_size: int = 256,
+    lr: float = 1e-2,
+    wd: float = 1e-4,
+    num_classes: int = 0,
+    seed: int = 0,
+    what: str = "linear probe",
+):
+    """Top-1 (percent) of a softmax classifier trained on frozen features: AdamW, cosine lr, `epochs`
+    passes over the bank in minibatches of `batch_size` rows (all devices together; at most the bank).
+
+    Features are standardized with the bank's statistics (MAE's probe puts a BatchNorm without
+    affine parameters before its linear layer: the same thing, once). Data parallel: each device
+    draws its minibatch rows from its own bank rows (a fresh permutation each epoch) and the
+    gradients are summed over devices, so no feature leaves its device; the classifier is replicated.
     """
-    num_classes = int(max(train_y.max(), test_y.max())) + 1
-    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
-    x = jnp.asarray((train_x - mean) / std, jnp.float32)
-    params = _probe_train(x, jnp.asarray(train_y, jnp.int32), num_classes, steps, float(lr), float(wd))
-    logits = jnp.asarray((test_x - mean) / std, jnp.float32) @ params["w"] + params["b"]
-    return 100.0 * float((np.asarray(logits.argmax(-1)) == test_y).mean())
+    num_classes = num_classes or num_classes_of(bank, queries)
+    mesh, devices = bank.mesh, bank.mesh.size
+    local_rows = bank.x.shape[0] * bank.x.shape[1] // devices
+    local_batch = max(1, min(-(-batch_size // devices), local_rows))
+    steps_per_epoch = -(-local_rows // local_batch)
+    stats = _stats_program(mesh)(bank)
+    optimizer = _probe_optimizer(float(lr), float(wd), epochs * steps_per_epoch)
+    dim = bank.x.shape[-1]
+    params = {"w": jnp.zeros((dim, num_classes)), "b": jnp.zeros((num_classes,))}
+    opt_state = optimizer.init(params)
+    epoch_program = _probe_epoch_program(mesh, float(lr), float(wd), epochs * steps_per_epoch, local_batch)
+    key = jax.random.PRNGKey(seed)
+    row_epochs = epochs * local_rows * devices
+    with _progress(what, epochs, "epochs", row_epochs, _MIN_ROW_EPOCHS) as progress:
+        for epoch in range(epochs):
+            params, opt_state = epoch_program(params, opt_state, bank, stats, jax.random.fold_in(key, epoch))
+            jax.block_until_ready(params)
+            progress.update(1)
+    correct = _probe_eval_program(mesh)(params, queries, stats)
+    return 100.0 * int(correct) / queries.count()
 
 
-@functools.partial(jax.jit, static_argnames=("num_classes", "steps", "lr", "wd"))
-def _probe_train(x, y, num_classes: int, steps: int, lr: float, wd: float):
-    import optax
+def _weighted_sum(value, weight):
+    return jax.lax.psum(jnp.sum(value * weight), parallel.BATCH_AXES)
 
-    tx = optax.adamw(optax.cosine_decay_schedule(lr, steps), weight_decay=wd)
-    params = {"w": jnp.zeros((x.shape[1], num_classes)), "b": jnp.zeros((num_classes,))}
 
-    def loss_fn(p):
-        return optax.softmax_cross_entropy_with_integer_labels(x @ p["w"] + p["b"], y).mean()
+@functools.cache
+def _stats_program(mesh):
+    """The bank's per-feature mean and standard deviation (valid rows; numpy's std, ddof 0). Summed one
+    evaluation batch at a time: no temporary the size of the bank."""
+    axes = parallel.BATCH_AXES
 
-    def step(carry, _):
-        p, s = carry
-        updates, s = tx.update(jax.grad(loss_fn)(p), s, p)
-        return (optax.apply_updates(p, updates), s), None
+    def local(bank):
+        w = (bank.y >= 0).astype(jnp.float32)  # [batches, rows]
 
-    (params, _), _ = jax.lax.scan(step, (params, tx.init(params)), None, length=steps)
-    return params
+        def weighted_sum(f):
+            def add(total, batch):
+                x, weight = batch
+                return total + weight @ f(x), None
+
+            total, _ = jax.lax.scan(add, jnp.zeros(bank.x.shape[-1]), (bank.x, w))
+            return jax.lax.psum(total, axes)
+
+        count = jax.lax.psum(jnp.sum(w), axes)
+        mean = weighted_sum(lambda x: x) / count
+        var = weighted_sum(lambda x: jnp.square(x - mean)) / count
+        return {"mean": mean, "std": jnp.sqrt(var) + 1e-6}
+
+    spec = Bank(BANK_SPEC, BANK_SPEC)
+    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(spec,), out_specs=P(), check_vma=False))
+
+
+def _probe_optimizer(lr: float, wd: float, total_steps: int):
+    return optax.adamw(optax.cosine_decay_schedule(lr, total_steps), weight_decay=wd)
+
+
+@functools.cache
+def _probe_epoch_program(mesh, lr: float, wd: float, total_steps: int, local_batch: int):
+    axes = parallel.BATCH_AXES
+    optimizer = _probe_optimizer(lr, wd, total_steps)
+
+    def local(params, opt_state, bank, stats, key):
+        x = bank.x.reshape(-1, bank.x.shape[-1])
+        y = bank.y.reshape(-1)
+        order = jax.random.permutation(jax.random.fold_in(key, jax.lax.axis_index(axes)), x.shape[0])
+        steps = -(-x.shape[0] // local_batch)
+        # The last step of an epoch tops its rows up from the start of the permutation.
+        order = jnp.concatenate([order, order])[: steps * local_batch].reshape(steps, local_batch)
+
+        def loss_fn(p, rows):
+            features = (x[rows] - stats["mean"]) / stats["std"]
+            labels = y[rows]
+            weight = (labels >= 0).astype(jnp.float32)
+            ce = optax.softmax_cross_entropy_with_integer_labels(
+                features @ p["w"] + p["b"], jnp.maximum(labels, 0)
+            )
+            return _weighted_sum(ce, weight) / jnp.maximum(_weighted_sum(1.0, weight), 1.0)
+
+        def step(carry, rows):
+            p, s = carry
+            grads = jax.lax.psum(jax.grad(loss_fn)(p, rows), axes)  # each device's share of the mean
+            updates, s = optimizer.update(grads, s, p)
+            return (optax.apply_updates(p, updates), s), None
+
+        (params, opt_state), _ = jax.lax.scan(step, (params, opt_state), order)
+        return params, opt_state
+
+    spec = Bank(BANK_SPEC, BANK_SPEC)
+    program = jax.shard_map(
+        local, mesh=mesh, in_specs=(P(), P(), spec, P(), P()), out_specs=(P(), P()), check_vma=False
+    )
+    return jax.jit(program, donate_argnums=(0, 1))
+
+
+@functools.cache
+def _probe_eval_program(mesh):
+    def local(params, queries, stats):
+        x = (queries.x.reshape(-1, queries.x.shape[-1]) - stats["mean"]) / stats["std"]
+        y = queries.y.reshape(-1)
+        pred = (x @ params["w"] + params["b"]).argmax(-1)
+        return jax.lax.psum(jnp.sum((pred == y) & (y >= 0)), parallel.BATCH_AXES)
+
+    spec = Bank(BANK_SPEC, BANK_SPEC)
+    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(), spec, P()), out_specs=P(), check_vma=False))
 
 
 # ---------------------------------------------------------------- feature similarity (CKA) and PCA maps
@@ -245,13 +520,13 @@ def make_agglomerative_fns(setup):
 
     - student(params, pixels) -> per teacher with a summary target (agg.summary_teachers order), the
       student encoder's summary token for it [B, D]: what k-NN and the probe read.
-    - agreement(params, stats, teacher_params, pixels) -> [summary [B, K], dense [B, K], *teachers]:
-      per image and teacher the cosine of the student's summary head with the teacher's summary target
-      (NaN where the teacher has none) and the mean cosine over patches of its dense head with the
-      teacher's dense targets, compared where training compares them (on the teacher's grid with
-      resample 'student_to_teacher'; targets normalized as in training, with the statistics in
-      `stats`); then per teacher its summary [B, S], or its mean patch token for a family without one
-      (SAM): what the teachers' k-NN and probe read (one program runs the teachers for both).
+    - agreement(params, stats, teacher_params, pixels) -> [summary [B, K], dense [B, K]]: per image and
+      teacher the cosine of the student's summary head with the teacher's summary target (NaN where
+      the teacher has none) and the mean cosine over patches of its dense head with the teacher's dense
+      targets, compared where training compares them (on the teacher's grid with resample
+      'student_to_teacher'; targets normalized as in training, with the statistics in `stats`).
+    - teachers(teacher_params, pixels) -> per teacher its summary [B, S], or its mean patch token for a
+      family without one (SAM): what the teachers' k-NN and probe read.
     - tokens(params, stats, teacher_params, pixels, valid, picked) -> (cka [K, 2], pictures): per
       teacher the linear CKA with its dense targets of the student encoder's patch tokens, and of the
       student's adapted features (its dense head), where training compares them (on the teacher's grid
@@ -302,14 +577,13 @@ def make_agglomerative_fns(setup):
                 dense.append(1.0 - losses.cosine_distance(d, y["dense"]).mean(-1))
             else:
                 dense.append(nan)
-        pooled = [
-            features[t.name].summary if t.summary_dim else features[t.name].patches.mean(1) for t in specs
-        ]
-        return [
-            jnp.stack(summary, axis=1),
-            jnp.stack(dense, axis=1),
-            *(p.astype(jnp.float32) for p in pooled),
-        ]
+        return [jnp.stack(summary, axis=1), jnp.stack(dense, axis=1)]
+
+    @jax.jit
+    def teacher_summaries(teacher_params, pixels):
+        features = agg.stack_features(stack, names, teacher_params, pixels)
+        pooled = [f.summary if t.summary_dim else f.patches.mean(1) for t in specs if (f := features[t.name])]
+        return [p.astype(jnp.float32) for p in pooled]
 
     @jax.jit
     def tokens_and_cka(params, stats, teacher_params, pixels, valid, picked):
@@ -338,4 +612,10 @@ def make_agglomerative_fns(setup):
             columns.append(align.resample(preds[t.name]["dense"], grid, t.grid)[picked].astype(jnp.float32))
         return jnp.stack(cka), [*columns, patches[picked]]
 
-    return dict(student=student_summaries, agreement=agreement, tokens=tokens_and_cka, summary_names=slots)
+    return dict(
+        student=student_summaries,
+        agreement=agreement,
+        teachers=teacher_summaries,
+        tokens=tokens_and_cka,
+        summary_names=slots,
+    )

@@ -17,14 +17,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping
-from pathlib import Path
 
 import numpy as np
 
 from dmt_jax import formats, storage
-from dmt_jax.teachers import IMAGENET_MEAN, IMAGENET_STD, flatten_params, give_default_permissions
+from dmt_jax.teachers import IMAGENET_MEAN, IMAGENET_STD, flatten_params
 
 
 def timm_state_dict(params: Mapping) -> dict[str, np.ndarray]:
@@ -109,21 +107,14 @@ def export_timm(
 
 
 def save_timm_file(state: Mapping[str, np.ndarray], path: str | os.PathLike, kwargs: Mapping, pretrained_cfg):
-    """Writes a timm state dict with its kwargs and pretrained_cfg in the metadata, atomically."""
+    """Writes a timm state dict with its kwargs and pretrained_cfg in the metadata: whole or not at all,
+    never through a link; a failed write (a full disk) is an OSError naming `path` (storage.atomic_local)."""
     from safetensors.numpy import save, save_file
 
     metadata = dict(format="pt", timm_kwargs=json.dumps(kwargs), pretrained_cfg=json.dumps(pretrained_cfg))
     if storage.is_remote(path):  # a bucket object appears whole or not at all: already atomic
-        storage.path(path).write_bytes(save(dict(state), metadata=metadata))
+        with storage.named_write_errors(path):
+            storage.path(path).write_bytes(save(dict(state), metadata=metadata))
         return
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    os.close(fd)
-    try:
+    with storage.atomic_local(path) as tmp:
         save_file(state, tmp, metadata=metadata)
-        give_default_permissions(tmp)  # mkstemp made it 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

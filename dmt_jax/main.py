@@ -11,7 +11,8 @@ field, the devices, the dataset, the teachers and the workdir, and reports every
 Exit codes: 0 done or stopped by SIGTERM/SIGINT after a checkpoint; 1 the run failed (a non-finite
 loss under nonfinite='stop', a checkpoint that could not be written at the end, a full or read-only
 disk, each said in one line; or a bug, with its traceback); 2 a mistake in the command, the config or
-the files it names (a dmt_jax.errors.UserError), one line per problem.
+the files it names (a dmt_jax.errors.UserError), one line per problem; 130 a second Ctrl-C (one line,
+the partial checkpoint removed, no new checkpoint).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ _HELP_ARGS = ("-h", "--help", "-help", "--helpshort", "--helpfull", "-?")
 _ENVIRONMENT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)
 
 _flags = {}  # defined by run(), not at import: config_flags reads the recipe as soon as it is defined
-# What run() starts: the distillation by default; dmt_jax/finetune.py passes its own recipe, schema and loop.
+# What run() starts: the distillation by default; finetune/cli.py passes its own recipe, schema and loop.
 _entry = {"default_config": _REPO_DEMO, "schema": None, "train": None, "fields": None, "check": None}
 
 
@@ -46,18 +47,26 @@ def main(argv):
     workdir, config = _flags["workdir"].value, _flags["config"].value
     if not workdir:
         _user_error("--workdir is required: the directory for checkpoints, logs and exports")
-    from dmt_jax import loop, parallel, validate  # after flag parsing: keeps --help fast
+    from dmt_jax import loop, parallel, storage, validate  # after flag parsing: keeps --help fast
 
     logging.set_verbosity(logging.WARNING)
     # Only mistakes a user can fix (UserError) become one line and exit 2; any other exception is a bug
     # and keeps its traceback (exit 1), except a write that failed for the machine's state (a full disk).
     try:
+        # One form of the workdir (~, links, .. resolved) for every reader and writer: the lock included.
+        workdir = storage.resolve(workdir, "--workdir")
         check = _entry["check"] or (validate.check_run if _entry["train"] is None else None)
         if check:  # validates everything, then joins the multi-process run (the device count needs it)
             check(config, workdir)
         else:
             parallel.initialize_distributed(config.distributed)
         (_entry["train"] or loop.train_and_evaluate)(config, workdir)
+    except KeyboardInterrupt:  # a second Ctrl-C: the run has removed its partial checkpoint
+        print(
+            "interrupted: stopped without a new checkpoint; run again to resume from the newest",
+            file=sys.stderr,
+        )
+        _exit_now(130)
     except UserError as e:
         _user_error(*e.problems)
     except OSError as e:
@@ -65,6 +74,18 @@ def main(argv):
             raise
         print(f"error: {os_error_message(e)}", file=sys.stderr, flush=True)
         sys.exit(1)
+    from dmt_jax import runner
+
+    if runner.must_exit_now():  # a stop left a compile running: a normal exit would abort under it
+        _exit_now(0)
+
+
+def _exit_now(code: int):
+    """Ends the process at once (no interpreter teardown: background threads may be inside XLA or orbax)."""
+    logging.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def run(argv=None, *, default_config: str = _REPO_DEMO, schema=None, train=None, fields=None, check=None):
@@ -96,6 +117,8 @@ def _parse_flags(argv):
     config_file = _config_file(argv)
     if not os.path.isfile(config_file):
         _user_error(f"config file {config_file} does not exist")
+    if problem := _recipe_problem(config_file, _config_argument(argv)):
+        _user_error(problem)
     try:
         rest = flags.FLAGS(argv)
     except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
@@ -108,7 +131,7 @@ def _explain_flag_error(argv, error) -> str:
     """The nearest valid name for a misspelt --config.FIELD; else the first line of the parser's error."""
     from dmt_jax.config import unknown_field_message
 
-    config = _load_recipe(_config_file(argv))
+    config = _load_recipe(_config_file(argv), _config_argument(argv))
     if config is not None:
         for arg in argv[1:]:
             if arg.startswith(("--config.", "-config.", "--noconfig.")):
@@ -132,22 +155,65 @@ def _check_schema(config, config_file: str):
         _user_error(*[f"{msg} (set in {config_file})" for msg in found])
 
 
-def _config_file(argv) -> str:
+def _config_value(argv) -> str:
+    """The value of the last --config (absl's rule: a flag given twice takes its last value)."""
+    value = _entry["default_config"]
     for i, arg in enumerate(argv[1:], 1):
         if _CONFIG_ARG.match(arg):
             value = arg.split("=", 1)[1] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else "")
-            return value.split(":", 1)[0]
-    return _entry["default_config"]
+    return value
 
 
-def _load_recipe(path: str):
+def _config_file(argv) -> str:
+    return _config_value(argv).split(":", 1)[0]
+
+
+def _config_argument(argv) -> tuple[str, ...]:
+    """`--config=recipe.py:ARG` passes ARG to get_config, as config_flags does."""
+    value = _config_value(argv)
+    return (value.split(":", 1)[1],) if ":" in value else ()
+
+
+def _load_recipe(path: str, args: tuple[str, ...] = ()):
     """The recipe's config without overrides, or None if the file itself does not load."""
     import runpy
 
     try:
-        return runpy.run_path(path)["get_config"]()
-    except Exception:  # the parser's own error then says what is wrong with the file
+        return runpy.run_path(path)["get_config"](*args)
+    except Exception:  # _recipe_problem says what is wrong with the file
         return None
+
+
+def _recipe_problem(path: str, args: tuple[str, ...] = ()) -> str:
+    """One line for a recipe file that cannot give a config: not Python, raises when run, has no
+    get_config(), or returns something else than a ConfigDict; '' for a sound one."""
+    import runpy
+
+    import ml_collections
+
+    def first_line(e: BaseException) -> str:
+        text = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+        return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+    try:
+        recipe = runpy.run_path(path)
+    except SyntaxError as e:
+        where = f" (line {e.lineno})" if e.lineno else ""
+        return f"config file {path} is not Python: {e.msg}{where}: give a recipe like configs/demo.py"
+    except (Exception, SystemExit) as e:
+        return f"config file {path} raised {first_line(e)} while loading: fix the recipe"
+    if not callable(get_config := recipe.get("get_config")):
+        return (
+            f"config file {path} defines no get_config(): a recipe returns its ConfigDict from get_config()"
+        )
+    try:
+        config = get_config(*args)
+    except (Exception, SystemExit) as e:
+        return f"config file {path}: get_config({', '.join(map(repr, args))}) raised {first_line(e)}"
+    if not isinstance(config, ml_collections.ConfigDict):
+        kind = type(config).__name__
+        return f"config file {path}: get_config() returned a {kind}, not an ml_collections.ConfigDict"
+    return ""
 
 
 def _print_help(full: bool):
@@ -155,7 +221,7 @@ def _print_help(full: bool):
     from dmt_jax import config as config_lib
 
     spec = getattr(sys.modules["__main__"], "__spec__", None)
-    module = spec.name if spec else "dmt_jax.main"
+    module = spec.name.removesuffix(".__main__") if spec else "dmt_jax.main"
     default = os.path.relpath(_entry["default_config"])
     lines = [
         f"usage: python -m {module} --config=RECIPE --workdir=DIR [--config.FIELD=VALUE ...]",

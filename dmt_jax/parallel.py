@@ -191,3 +191,33 @@ def local_batch_size(global_batch_size: int) -> int:
             f"use a multiple of {jax.device_count()}"
         )
     return global_batch_size // jax.process_count()
+
+
+def ordered_batch_sum(mesh: Mesh):
+    """`batch_sum(x, rows_sum=lambda a: a.sum(0))`: a sum over the rows of x (axis 0, sharded over the
+    batch axes) that gives the same bits on every device and on any process layout of a mesh of this
+    shape. Each device applies rows_sum to its own rows (e.g. a.T @ a, a sum of outer products), then
+    the partial sums meet in a fixed butterfly (round r adds the partner i xor 2^r; a + b = b + a
+    exactly, so both partners hold the same value) through exact ppermutes. A plain cross-device sum adds
+    in whatever order the collective library picks (in-process, gloo, NCCL), and PHI-S's eigenvectors turn
+    those last-bit differences into visible ones. A batch-shard count that is not a power of 2 falls back
+    to psum (the collective's order)."""
+    n = mesh.shape["data"] * mesh.shape["fsdp"]
+
+    def local(x, rows_sum):
+        total = rows_sum(x)
+        if n & (n - 1):
+            return jax.lax.psum(total, BATCH_AXES)
+        step = 1
+        while step < n:
+            total = total + jax.lax.ppermute(total, BATCH_AXES, [(i, i ^ step) for i in range(n)])
+            step *= 2
+        return total
+
+    def batch_sum(x, rows_sum=lambda a: a.sum(0)):
+        if n == 1:
+            return rows_sum(x)
+        one = lambda shard: local(shard, rows_sum)
+        return jax.shard_map(one, mesh=mesh, in_specs=P(BATCH_AXES), out_specs=P(), check_vma=False)(x)
+
+    return batch_sum

@@ -22,7 +22,8 @@ import numpy as np
 
 CELL = 64  # pixels per picture side in the grid
 GAP = 2  # white pixels between pictures
-TITLE_HEIGHT = 14  # pixels above the columns for their titles
+TITLE_HEIGHT = 18  # pixels above the columns for their titles
+TITLE_SIZE = 12  # font size of the titles in pixels (shrunk to fit a column's width)
 
 
 def pca_rgb(patches: np.ndarray) -> np.ndarray:
@@ -89,8 +90,23 @@ def _write_titles(grid: np.ndarray, titles: Sequence[str]) -> np.ndarray:
     image = Image.fromarray(grid)
     draw = ImageDraw.Draw(image)
     for c, title in enumerate(titles):
-        draw.text((c * (CELL + GAP) + 2, 2), title, fill=(0, 0, 0))  # Pillow's built-in font: no files needed
+        font = _font_fitting(draw, title, CELL - 2)
+        width = draw.textlength(title, font=font)
+        x = c * (CELL + GAP) + max(0, (CELL - width) / 2)  # centred over its column
+        draw.text((x, TITLE_HEIGHT / 2), title, fill=(0, 0, 0), font=font, anchor="lm")
     return np.asarray(image)
+
+
+def _font_fitting(draw, title: str, width: int):
+    """Pillow's bundled scalable font (no font files needed) at TITLE_SIZE px, smaller if the title is
+    wider than its column; the old bitmap font where Pillow was built without FreeType."""
+    from PIL import ImageFont
+
+    for size in range(TITLE_SIZE, 7, -1):
+        font = ImageFont.load_default(size=size)
+        if not isinstance(font, ImageFont.FreeTypeFont) or draw.textlength(title, font=font) <= width:
+            return font
+    return font
 
 
 def png_bytes(image: np.ndarray) -> bytes:
@@ -102,11 +118,11 @@ def png_bytes(image: np.ndarray) -> bytes:
 
 
 def save_png(image: np.ndarray, path: str | os.PathLike) -> None:
-    from etils import epath
+    """Writes the picture whole (never a partial file) and never through a link (storage.write_bytes)."""
+    from dmt_jax import storage
 
-    path = epath.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(png_bytes(image))
+    storage.path(os.path.dirname(os.fspath(path))).mkdir(parents=True, exist_ok=True)
+    storage.write_bytes(path, png_bytes(image))
 
 
 def pick_images(labels: np.ndarray, count: int) -> np.ndarray:

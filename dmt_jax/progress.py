@@ -8,6 +8,9 @@ process 0 prints. `DMT_PROGRESS=bar|lines|off` overrides the choice.
         for batch in batches:
             ...
             bar.update(len(batch))
+
+`update(n, note="loss 0.412")` also shows a short status of the work (the latest is kept: beside the
+bar, at the end of each line and of the last one).
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ class Progress:
     ):
         self.what, self.total, self.unit, self.every_s = what, total, unit, every_s
         self.stream = stream or sys.stderr
-        self.done, self.t0 = 0, time.perf_counter()
+        self.done, self.t0, self.note = 0, time.perf_counter(), ""
         self._last_line = self.t0
         self.mode = _mode(self.stream) if _process_index() == 0 else "off"
         self._bar = None
@@ -60,27 +63,34 @@ class Progress:
             size = f" ({total:,} {unit})" if total else ""
             self._print(f"{what}: started{size}")
 
-    def update(self, n: int = 1) -> None:
+    def update(self, n: int = 1, note: str | None = None) -> None:
         self.done += n
+        if note is not None:
+            self.note = note
+            if self._bar is not None:
+                self._bar.set_postfix_str(note, refresh=False)
         if self._bar is not None:
             self._bar.update(n)
         elif self.mode == "lines" and time.perf_counter() - self._last_line >= self.every_s:
             self._print(self._status())
 
-    def close(self) -> None:
+    def close(self, ok: bool = True) -> None:
+        """Ends the report (a second close does nothing); ok=False: the work stopped short (an error)."""
         if self._bar is not None:
             self._bar.close()
             self._bar = None
         elif self.mode == "lines":
             elapsed = time.perf_counter() - self.t0
-            self._print(f"{self.what}: done, {self.done:,} {self.unit} in {_clock(elapsed)}")
+            note = f" ({self.note})" if self.note else ""
+            ended = "done," if ok else "stopped after"
+            self._print(f"{self.what}: {ended} {self.done:,} {self.unit} in {_clock(elapsed)}{note}")
         self.mode = "off"
 
     def __enter__(self) -> Progress:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        self.close(ok=exc_type is None)
 
     def _status(self) -> str:
         elapsed = time.perf_counter() - self.t0
@@ -91,7 +101,7 @@ class Progress:
         line += f" {self.unit}, {rate:,.1f} {self.unit}/s"
         if self.total and rate > 0:
             line += f", ETA {_clock((self.total - self.done) / rate)}"
-        return line
+        return line + (f" | {self.note}" if self.note else "")
 
     def _print(self, line: str) -> None:
         self._last_line = time.perf_counter()

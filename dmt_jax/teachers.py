@@ -85,7 +85,7 @@ class TeacherSpec:
     rule, and where it came from. The config's fields and properties read through the spec
     (spec.width, spec.depth, spec.grid, spec.num_tokens, spec.variant, ...)."""
 
-    format: str  # mae, mocov3, dino, ibot, dinov2, clip, openclip, siglip, ... (or a demo label)
+    format: str  # mae, mocov3, dino, ibot, dinov2, clip, openclip, siglip, ...; random or demo in process
     family: str  # a key of models.FAMILIES
     config: Any  # the family's config (ViTConfig, ...)
     mean: tuple[float, float, float] = IMAGENET_MEAN
@@ -265,7 +265,6 @@ def save_teacher(
     `params`: the ViT's 'params' tree (nested) or its flattened form. An existing `out_dir` is replaced
     only with `overwrite` and only if it is a converted teacher (or empty), never an arbitrary folder.
     """
-    from safetensors.numpy import save_file
 
     out = Path(out_dir)
     flat = flatten_params(params) if any(isinstance(v, Mapping) for v in params.values()) else dict(params)
@@ -273,8 +272,17 @@ def save_teacher(
         raise TeacherFileError(f"parameters do not fit the spec ({spec.variant}): {'; '.join(problems)}")
     arrays = {k: np.ascontiguousarray(np.asarray(v, dtype=np.float32)) for k, v in flat.items()}
     if storage.is_remote(out_dir):
-        return _save_teacher_to_bucket(storage.path(out_dir), spec, arrays, overwrite)
+        with storage.named_write_errors(out_dir):
+            return _save_teacher_to_bucket(storage.path(out_dir), spec, arrays, overwrite)
     check_writable(out, overwrite)
+    with storage.named_write_errors(out):  # a full disk: one line naming the teacher folder
+        _save_teacher_locally(out, spec, arrays)
+    return out
+
+
+def _save_teacher_locally(out: Path, spec: TeacherSpec, arrays: dict) -> None:
+    from safetensors.numpy import save_file
+
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -297,7 +305,6 @@ def save_teacher(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
 
 
 def _save_teacher_to_bucket(out, spec: TeacherSpec, arrays: dict, overwrite: bool):
@@ -528,9 +535,10 @@ def _check_images(images, img_size: int) -> None:
         )
 
 
-def make_random_teacher(variant: str, img_size: int, seed: int, fmt: str = "mae", **vit_kwargs) -> Teacher:
+def make_random_teacher(variant: str, img_size: int, seed: int, fmt: str = "random", **vit_kwargs) -> Teacher:
     """A ViT teacher with random weights from a fixed seed (demos, tests); `vit_kwargs` go to the ViT
-    (num_reg_tokens, no_embed_class, layerscale_init, class_token, pool, ...). Its mean/std are ImageNet's."""
+    (num_reg_tokens, no_embed_class, layerscale_init, class_token, pool, ...). Its mean/std are ImageNet's;
+    `fmt` is the name the run's summary gives it ('random'; 'demo' once trained on the demo dataset)."""
     model = ViT.from_variant(variant, img_size=img_size, output="features", **vit_kwargs)
     spec = TeacherSpec(format=fmt, family="vit", config=model.config, source=f"random(seed={seed})")
     key = ("init", spec.architecture, tuple(sorted(vit_kwargs.items())))

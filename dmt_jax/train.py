@@ -274,6 +274,14 @@ def build(config, mesh, num_train_examples: int | None = None, teachers=None) ->
         teachers = build_teachers(
             config.teachers, config.img_size, student_patch, config.data, same_grid=not aggl
         )
+    fingerprints = [fingerprint(t) for t in teachers]  # checkpoints record them (run_record.py)
+    if len(set(fingerprints)) < len(fingerprints) and not config.get("allow_duplicate_teachers", False):
+        first = [fingerprints.index(f) for f in fingerprints]
+        pairs = ", ".join(f"{j} and {i}" for i, j in enumerate(first) if i != j)
+        raise UserError(
+            f"teachers {pairs} of --config.teachers have the same weights (copies of one teacher): it would "
+            "silently weigh double; give it once, or pass --config.allow_duplicate_teachers=True"
+        )
     stack = TeacherStack(teachers, dtype=jnp.dtype(config.teacher_dtype), attention=config.attention)
     specs = teacher_targets(config, stack) if aggl else None
     student = build_agglomerative_student(config, specs) if aggl else build_student(config, stack.widths)
@@ -284,7 +292,10 @@ def build(config, mesh, num_train_examples: int | None = None, teachers=None) ->
     num_patches = (config.img_size // student_patch) ** 2
     if config.nonfinite not in ("stop", "skip"):
         raise UserError(f"nonfinite must be 'stop' or 'skip', got {config.nonfinite!r}")
-    options = agglomerative_options(config, steps) if aggl else None
+    if aggl:  # statistics summed over the batch in a fixed order: the same on any process layout
+        options = dataclasses.replace(
+            agglomerative_options(config, steps), sum_rows=parallel.ordered_batch_sum(mesh)
+        )
     stages = stage_sizes(config)
     view = view_size(config, stack)
 
@@ -415,7 +426,8 @@ def build(config, mesh, num_train_examples: int | None = None, teachers=None) ->
         state_shardings,
         abstract_state,
         teacher_params,
-        [fingerprint(t) for t in teachers],  # checkpoints record them (run_record.py)
+        # An agglomerative run's teachers by name: listing them in another order is the same run.
+        sorted(f"{n}:{f}" for n, f in zip(names, fingerprints, strict=True)) if aggl else fingerprints,
         view,
         specs,
     )
@@ -442,6 +454,16 @@ def teacher_targets(config, stack) -> tuple[agg.TeacherTarget, ...]:
         o = config_entry(blocks, name, BLOCK_FIELDS)
         f = shapes[name]
         summary = o.summary_head != "none" and f.summary is not None
+        samples, width = (
+            config.agglomerative.phi_s_steps * config.batch_size,
+            f.summary.shape[-1] if summary else 0,
+        )
+        if summary and o.summary_norm == "phi_s" and samples <= width:
+            raise UserError(
+                f"teacher {name}: PHI-S of its {width}-wide summary from phi_s_steps x batch_size = "
+                f"{samples} images has no full-rank covariance (its transform would not be unique): raise "
+                f"--config.agglomerative.phi_s_steps above {width // config.batch_size}"
+            )
         out.append(
             agg.TeacherTarget(
                 name=name,
@@ -449,6 +471,7 @@ def teacher_targets(config, stack) -> tuple[agg.TeacherTarget, ...]:
                 dense_dim=int(f.patches.shape[-1]) if o.dense_head != "none" else None,
                 grid=(spec.grid, spec.grid),
                 norm=o.norm,
+                summary_norm=o.summary_norm,
                 summary_head=o.summary_head,
                 dense_head=o.dense_head,
                 summary_weight=float(o.summary_weight),

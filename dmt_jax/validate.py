@@ -12,6 +12,7 @@ broken file later, which then stops it with its own one-line error.
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 
 from etils import epath
@@ -34,11 +35,24 @@ def check_run(config, workdir: str, *, start_distributed: bool = True) -> None:
 
             parallel.initialize_distributed(config.distributed)
         problems += device_problems(config)
-    problems += dataset_problems(config)
-    problems += teacher_problems(config)
+    if unreachable := _unless_fields_are_bad(bucket_problems, config, problems, workdir):
+        raise UserError(*problems, *unreachable)  # the checks of files there would wait on it too
+    problems += _unless_fields_are_bad(dataset_problems, config, problems)
+    problems += _unless_fields_are_bad(teacher_problems, config, problems)
     problems += workdir_problems(workdir)
     if problems:
         raise UserError(*problems)
+
+
+def _unless_fields_are_bad(check, config, problems: list[str], *args) -> list[str]:
+    """check(config, *args); a check that trips over a value of the wrong type (`--config.teachers=(1,2)`)
+    says nothing more when that field's own problem is already reported."""
+    try:
+        return check(config, *args)
+    except (TypeError, ValueError, IndexError, KeyError, AttributeError):
+        if not problems:
+            raise  # sound fields: a bug in a check
+        return []
 
 
 def config_problems(
@@ -76,6 +90,22 @@ def device_problems(config) -> list[str]:
             f"use a multiple of {n}"
         )
     return problems
+
+
+def bucket_problems(
+    config, workdir: str, fields=("teachers", "data.tfds_data_dir", "init"), timeout: float | None = None
+) -> list[str]:
+    """Every bucket the run names (workdir, teachers, tfds data, a fine-tuning's init) answers within
+    storage.REACH_TIMEOUT_S, or one line each naming it and what to check."""
+    paths = {"--workdir": workdir}
+    for name in fields:
+        node = config
+        for part in name.split("."):
+            node = node.get(part) if node is not None and part in node else None
+        values = node if isinstance(node, list | tuple) else [node]
+        for i, value in enumerate(v for v in values if isinstance(v, str) and v):
+            paths[f"--config.{name}" + (f"[{i}]" if isinstance(node, list | tuple) else "")] = value
+    return storage.unreachable_buckets(paths, storage.REACH_TIMEOUT_S if timeout is None else timeout)
 
 
 def dataset_problems(config) -> list[str]:
@@ -121,15 +151,32 @@ def teacher_problems(config) -> list[str]:
     return problems
 
 
+# What a run writes in its workdir (README, "The workdir"): none of them may be a symbolic link.
+WORKDIR_ENTRIES = (
+    ".dmt_lock", "checkpoints", "checkpoints_unreadable", "config.json", "schedule.json", "eval.jsonl",
+    "pictures", "profile", "report.html", "student_timm.safetensors", "classifier_timm.safetensors",
+)  # fmt: skip
+
+
 def workdir_problems(workdir: str) -> list[str]:
-    """The workdir is a directory (or can be made one) that this process can write, and so are its
-    checkpoints; checked by creating and removing a temporary file (local paths; a gs:// bucket is
-    checked by its first write)."""
-    if storage.is_remote(workdir):
+    """The workdir's name is usable, it is a directory (or can be made one) that this process can write,
+    and so are its checkpoints (checked by creating and removing a temporary file); nothing a run writes
+    there is a symbolic link or a special file (local paths; a gs:// bucket is checked by its first write)."""
+    try:
+        resolved = storage.resolve(workdir, "--workdir")
+    except UserError as e:
+        return e.problems
+    if storage.is_remote(resolved):
         return []
-    path = storage.path(workdir)
+    path = epath.Path(resolved)
     if path.exists() and not path.is_dir():
         return [f"--workdir={workdir} is a file, not a directory: choose another --workdir"]
+    if in_the_way := _links_or_special_files(resolved, WORKDIR_ENTRIES):
+        return [
+            f"--workdir={workdir} holds symbolic links or special files where the run writes "
+            f"({', '.join(in_the_way[:3])}): runs never write through a link (it may point out of the "
+            "workdir) nor into a FIFO or device; remove them"
+        ]
     existing = path
     while not existing.exists():
         existing = existing.parent
@@ -139,6 +186,18 @@ def workdir_problems(workdir: str) -> list[str]:
     if (path / "checkpoints").is_dir():
         problems.append(_not_writable(path / "checkpoints", workdir))
     return [p for p in problems if p]
+
+
+def _links_or_special_files(folder: str, names) -> list[str]:
+    found = []
+    for name in names:
+        try:
+            mode = os.lstat(os.path.join(folder, name)).st_mode
+        except OSError:  # absent (or the folder is): nothing in the way
+            continue
+        if stat.S_ISLNK(mode) or not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            found.append(os.path.join(folder, name))
+    return found
 
 
 def _not_writable(folder: epath.Path, workdir: str) -> str:

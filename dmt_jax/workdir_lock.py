@@ -2,16 +2,31 @@
 naming the holder, before it writes anything (two runs would replace each other's checkpoints).
 
 Local or NFS workdir: `flock` on `<workdir>/.dmt_lock` (Linux's NFS client maps it to a POSIX lock the
-server holds), which the kernel releases when the process ends, crash or SIGKILL included. The file
-holds the holder (host, pid, start time) for the message and is left in place.
+server holds), which the kernel releases when the process ends, crash or SIGKILL included: a restart
+takes it at once. The file holds the holder (host, pid, start time) for the message and is left in place.
 
-gs:// (or any path without flock): a lock object `<workdir>/.dmt_lock.json` with the holder and a
-heartbeat refreshed every HEARTBEAT_S by a daemon thread. A lock whose heartbeat is older than
-STALE_S belongs to a dead run and is taken over. Object stores offer no create-if-absent through
-etils.epath, so two runs starting within the same second could both take it: the lock re-reads the
-object after writing it and yields to whichever holder the store kept.
+gs:// workdir: a lock object `<workdir>/.dmt_lock.json`, written only under a generation precondition
+(GCS's compare-and-swap): it is created with `ifGenerationMatch=0`, so of two runs starting together
+exactly one gets it, and the holder rewrites it every HEARTBEAT_S (10 s, from a thread) on the
+condition that it is still the generation it wrote last. A run that finds it held:
+- by a process of this host: refused at once if that process lives, taken at once if it is gone (the
+  holder records its boot id and its process's start time, so a reused pid or a restarted container
+  with the same pid is not mistaken for the holder);
+- by another host: watches the object for STALE_S (30 s, three heartbeats) by its own clock. A
+  generation that changes belongs to a live run, which is refused as soon as it is seen to change; one
+  that stays still belongs to a dead run (SIGKILL, out of memory, a lost host), which is taken over,
+  again under a generation precondition (of two restarts, one wins; the other sees its heartbeat).
+Why heartbeats rather than a run id passed on by a requeue: a requeue (GKE JobSet, xpk, SLURM) then
+needs no cooperation, a run started by hand gets the same protection, and a holder that is still
+alive (a lost host that keeps running, a hand-started second run with the same job id) is never
+taken over; the price is a wait of at most 30 s for a restart on another host after a crash. Why our
+own clock: hosts' clocks differ; whether the generation moves does not depend on them. The heartbeat
+is written by a thread rather than at each step: a first compile or an evaluation can outlast 30 s,
+and a live run must not look dead then.
 
-In a multi-process run process 0 holds the lock; the others share it.
+In a multi-process run every process takes part (runner.with_workdir_lock): process 0 takes the lock
+and its outcome is broadcast, so a refusal ends every process with the same line before anything is
+written.
 """
 
 from __future__ import annotations
@@ -23,19 +38,37 @@ import os
 import socket
 import threading
 import time
+import uuid
 
-from etils import epath
-
+from dmt_jax import storage
 from dmt_jax.errors import UserError
 
 LOCK_FILE = ".dmt_lock"
 LOCK_OBJECT = ".dmt_lock.json"
-HEARTBEAT_S = 60.0
-STALE_S = 300.0
+HEARTBEAT_S = 10.0
+STALE_S = 3 * HEARTBEAT_S
+POLL_S = 1.0
 
 
 class WorkdirLocked(UserError):
     """Another run holds the workdir."""
+
+
+def _boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def _process_start(pid: int) -> str:
+    """The start time of process `pid` (in clock ticks since boot, /proc/PID/stat), '' if unknown or gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
 
 
 def _holder() -> dict:
@@ -43,41 +76,60 @@ def _holder() -> dict:
         "host": socket.gethostname(),
         "pid": os.getpid(),
         "started": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
-        "heartbeat": time.time(),
+        "heartbeat": time.time(),  # for people reading the object; the lock never compares clocks
+        "boot_id": _boot_id(),
+        "process_start": _process_start(os.getpid()),
+        "token": uuid.uuid4().hex,  # this acquisition
     }
 
 
-def _refusal(workdir, holder: dict, where) -> WorkdirLocked:
+def holder_alive_here(holder: dict) -> bool | None:
+    """True / False when `holder` ran on this host (the process is that one and lives, or not); None
+    when it ran elsewhere or this host cannot tell (no /proc)."""
+    if holder.get("host") != socket.gethostname() or not holder.get("boot_id") or not _boot_id():
+        return None
+    if holder["boot_id"] != _boot_id():
+        return False  # this host rebooted since
+    pid = holder.get("pid")
+    return (
+        isinstance(pid, int)
+        and bool(holder.get("process_start"))
+        and (_process_start(pid) == holder["process_start"])
+    )
+
+
+def _refusal(workdir, holder: dict, where, how: str = "") -> WorkdirLocked:
     who = (
         f"host {holder.get('host', '?')}, pid {holder.get('pid', '?')}, started {holder.get('started', '?')}"
     )
     return WorkdirLocked(
-        f"workdir {workdir} is in use by another run ({who}; lock {where}): wait for it to finish, stop it, "
-        "or choose another --workdir"
+        f"workdir {workdir} is in use by another run ({who}{how}; lock {where}): wait for it to finish, "
+        "stop it, or choose another --workdir"
     )
-
-
-def _is_local(workdir: str) -> bool:
-    return "://" not in str(workdir)
 
 
 class WorkdirLock:
     """`with WorkdirLock(workdir):` or acquire() / release(); WorkdirLocked when another run holds it."""
 
-    def __init__(self, workdir: str | os.PathLike, use_object: bool | None = None):
-        self.workdir = str(workdir)
-        self.use_object = not _is_local(self.workdir) if use_object is None else use_object
+    def __init__(self, workdir: str | os.PathLike):
+        self.workdir = storage.resolve(workdir, "--workdir")  # the form every writer uses
+        self.remote = "://" in self.workdir
+        self.holder = _holder()
+        self.lost = False  # a gs:// lock found taken over by another run (its heartbeats failed for 30 s)
         self._fd: int | None = None
+        self._object: _GcsObject | None = None
+        self._generation = ""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.holder = _holder()
 
     def acquire(self) -> WorkdirLock:
-        epath.Path(self.workdir).mkdir(parents=True, exist_ok=True)
-        if self.use_object:
+        if not self.remote:
+            os.makedirs(self.workdir, exist_ok=True)
+            self._acquire_file()
+        elif self.workdir.startswith("gs://"):
             self._acquire_object()
         else:
-            self._acquire_file()
+            raise UserError(f"--workdir={self.workdir}: use a local or NFS path, or a gs:// bucket")
         return self
 
     def release(self):
@@ -87,13 +139,13 @@ class WorkdirLock:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
-        if self._thread is not None:
+        if self._object is not None:
             self._stop.set()
-            self._thread.join(timeout=5)
-            self._thread = None
-            with contextlib.suppress(OSError):
-                if self._read_object() == self.holder:
-                    (epath.Path(self.workdir) / LOCK_OBJECT).unlink()
+            if self._thread is not None:
+                self._thread.join(timeout=30)
+            if not self.lost:
+                self._object.delete(self._generation)
+            self._object = None
 
     def __enter__(self) -> WorkdirLock:
         return self.acquire()
@@ -107,7 +159,7 @@ class WorkdirLock:
         import fcntl
 
         path = os.path.join(self.workdir, LOCK_FILE)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = storage.open_local(path, os.O_RDWR | os.O_CREAT, 0o644)  # never a planted link or FIFO
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -116,37 +168,118 @@ class WorkdirLock:
             except ValueError:
                 holder = {}
             os.close(fd)
-            raise _refusal(self.workdir, holder, path) from None
+            raise _refusal(self.workdir, holder if isinstance(holder, dict) else {}, path) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(self.holder).encode(), 0)
         self._fd = fd
 
-    # ---------------------------------------------------------------- object stores: lock object
-
-    def _read_object(self) -> dict | None:
-        path = epath.Path(self.workdir) / LOCK_OBJECT
-        try:
-            return json.loads(path.read_text())
-        except (OSError, ValueError):
-            return None
-
-    def _write_object(self):
-        (epath.Path(self.workdir) / LOCK_OBJECT).write_text(json.dumps(self.holder))
+    # ---------------------------------------------------------------- gs://: generation preconditions
 
     def _acquire_object(self):
-        found = self._read_object()
-        if found and time.time() - float(found.get("heartbeat", 0)) < STALE_S:
-            raise _refusal(self.workdir, found, epath.Path(self.workdir) / LOCK_OBJECT)
-        self._write_object()
-        time.sleep(1.0)  # another run that wrote at the same moment: the store keeps one of the two
-        found = self._read_object()
-        if found != self.holder:
-            raise _refusal(self.workdir, found or {}, epath.Path(self.workdir) / LOCK_OBJECT)
+        where = f"{self.workdir.rstrip('/')}/{LOCK_OBJECT}"
+        lock, body = _GcsObject(where), json.dumps(self.holder).encode()
+        watched = None  # (generation, holder, monotonic time first seen)
+        while True:
+            try:
+                self._generation = lock.write(body, if_generation="0")  # only if there is none
+                break
+            except FileExistsError:
+                pass
+            found = lock.read()
+            if found is None:
+                continue  # released meanwhile
+            generation, holder = found
+            if holder.get("token") == self.holder["token"]:  # our own create, answered after a retry
+                self._generation = generation
+                break
+            alive = holder_alive_here(holder)
+            if alive:
+                raise _refusal(self.workdir, holder, where)
+            if watched and generation != watched[0]:
+                raise _refusal(self.workdir, holder, where, ", whose heartbeat is current")
+            if watched is None:
+                watched = (generation, holder, time.monotonic())
+                if alive is None:
+                    _say(
+                        f"workdir lock {where} is held by host {holder.get('host', '?')}, pid "
+                        f"{holder.get('pid', '?')}: watching its heartbeat for up to {STALE_S:.0f} s"
+                    )
+            if alive is False or time.monotonic() - watched[2] >= STALE_S:
+                try:  # the holder is dead: take it over, unless another run did first
+                    self._generation = lock.write(body, if_generation=generation)
+                    what = "has ended" if alive is False else f"showed no heartbeat for {STALE_S:.0f} s"
+                    _say(f"took over the workdir lock of host {holder.get('host', '?')}, pid "
+                         f"{holder.get('pid', '?')}, which {what}")  # fmt: skip
+                    break
+                except FileExistsError:
+                    watched = None  # someone else wrote it: watch the new holder
+                    continue
+            time.sleep(POLL_S)
+        self._object = lock
         self._thread = threading.Thread(target=self._heartbeat, daemon=True, name="dmt-workdir-lock")
         self._thread.start()
 
     def _heartbeat(self):
         while not self._stop.wait(HEARTBEAT_S):
             self.holder["heartbeat"] = time.time()
-            with contextlib.suppress(OSError):
-                self._write_object()
+            try:
+                body = json.dumps(self.holder).encode()
+                self._generation = self._object.write(body, if_generation=self._generation)
+            except FileExistsError:
+                self.lost = True
+                _say(
+                    f"warning: the workdir lock of {self.workdir} was taken over by another run (this run's "
+                    f"heartbeats failed for {STALE_S:.0f} s); stop one of the two runs"
+                )
+                return
+            except Exception:  # noqa: BLE001 - a failed heartbeat is retried at the next one
+                continue
+
+
+def _say(msg: str):
+    print(msg, flush=True)
+
+
+class _GcsObject:
+    """One GCS object read and written under generation preconditions (the JSON API, through gcsfs, which
+    honours STORAGE_EMULATOR_HOST and the machine's credentials). A failed precondition: FileExistsError."""
+
+    def __init__(self, url: str):
+        import fsspec
+
+        self.fs = fsspec.filesystem("gs")
+        self.bucket, self.key = url.removeprefix("gs://").split("/", 1)
+
+    def read(self) -> tuple[str, dict] | None:
+        """(generation, holder) or None when absent; content that is not a holder reads as {}."""
+        try:
+            meta = self.fs.call("GET", "b/{}/o/{}", self.bucket, self.key, json_out=True)
+            _, body = self.fs.call(
+                "GET", "b/{}/o/{}", self.bucket, self.key, alt="media", generation=meta["generation"]
+            )
+        except FileNotFoundError:
+            return None
+        try:
+            holder = json.loads(body)
+        except ValueError:
+            holder = {}
+        return str(meta["generation"]), holder if isinstance(holder, dict) else {}
+
+    def write(self, body: bytes, if_generation: str) -> str:
+        """Writes the object if its generation is `if_generation` ('0': if it does not exist); the new one."""
+        out = self.fs.call(
+            "POST",
+            f"{self.fs._location}/upload/storage/v1/b/{{}}/o",
+            self.bucket,
+            uploadType="media",
+            name=self.key,
+            ifGenerationMatch=if_generation,
+            data=body,
+            headers={"Content-Type": "application/octet-stream"},
+            json_out=True,
+        )
+        return str(out["generation"])
+
+    def delete(self, if_generation: str):
+        with contextlib.suppress(FileNotFoundError, FileExistsError, OSError):
+            self.fs.call("DELETE", "b/{}/o/{}", self.bucket, self.key, ifGenerationMatch=if_generation)

@@ -1,17 +1,20 @@
-"""A GCS JSON API server on localhost (the `gcp-storage-emulator` package) for tests of gs:// paths.
+"""A GCS on localhost for tests of gs:// paths: the README's command `python -m dmt_jax.storage_emulator`.
 
-`emulated_bucket()` starts one, in memory, in a thread of the test process, on a free port, with one
-bucket, and sets STORAGE_EMULATOR_HOST (only that: dmt_jax derives every other setting from it) plus,
-for this process, what dmt_jax.storage.configure_emulator derives. Everything is undone at exit.
+`emulated_bucket()` starts it in its own process, in memory, on a free port, with one bucket, and sets
+STORAGE_EMULATOR_HOST (only that: dmt_jax derives every other setting from it) plus, for this
+process, what dmt_jax.storage.configure_emulator derives. Everything is undone at exit.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import os
-
-from helpers_run import free_port
+import re
+import subprocess
+import sys
+import threading
 
 from dmt_jax import storage
 
@@ -24,42 +27,82 @@ _DERIVED = (
 )
 
 
-def _send_generation_headers():
-    """Real GCS sends an object's generation with its bytes (x-goog-generation); the emulator does not,
-    and tensorstore (orbax's OCDBT manifests) refuses a read without it ("Malformed StorageGeneration")."""
-    from gcp_storage_emulator import server
-    from gcp_storage_emulator.handlers import objects
+class EmulatorProcess:
+    """`python -m dmt_jax.storage_emulator --port 0 --bucket BUCKET` in the background; `url` from its
+    first line; what it prints afterwards is kept (the last lines) for a failing test to show."""
 
-    original = objects.download
-    if getattr(original, "sends_generation", False):
-        return
+    def __init__(self, bucket: str = BUCKET, timeout: float = 60):
+        self.proc = subprocess.Popen(
+            # --exit-with-parent: a test or bench killed by a timeout leaves no emulator serving on
+            [
+                sys.executable,
+                "-m",
+                "dmt_jax.storage_emulator",
+                "--port",
+                "0",
+                "--bucket",
+                bucket,
+                "--exit-with-parent",
+            ],  # fmt: skip
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        first = self._first_line(timeout)
+        found = re.search(r"STORAGE_EMULATOR_HOST=(\S+)", first)
+        if not found:
+            self.stop()
+            raise RuntimeError(f"the storage emulator did not start: {first!r}")
+        self.url = found.group(1)
+        self.output: collections.deque = collections.deque(maxlen=200)
+        threading.Thread(target=self._drain, daemon=True).start()
 
-    def download(request, response, storage, *args, **kwargs):
-        original(request, response, storage, *args, **kwargs)
-        with contextlib.suppress(Exception):  # not found: nothing to add
-            obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
-            response["x-goog-generation"] = obj["generation"]
-            response["x-goog-metageneration"] = obj["metageneration"]
+    def _first_line(self, timeout: float) -> str:
+        lines: list[str] = []
+        reader = threading.Thread(target=lambda: lines.append(self.proc.stdout.readline()), daemon=True)
+        reader.start()
+        reader.join(timeout)
+        return lines[0] if lines else f"nothing within {timeout} s"
 
-    download.sends_generation = True
-    objects.download = download  # objects.get calls it by name; the route table holds it directly
-    for _, handlers in server.HANDLERS:
-        for method, handler in handlers.items():
-            if handler is original:
-                handlers[method] = download
+    def _drain(self):
+        for line in self.proc.stdout:
+            self.output.append(line.rstrip("\n"))
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class StockEmulator:
+    """gcp-storage-emulator as it ships (no generation headers), in a thread of this process: what a user
+    gets from `gcp-storage-emulator start`, for the test of the message that names it."""
+
+    def __init__(self, bucket: str):
+        from gcp_storage_emulator.handlers import objects
+        from gcp_storage_emulator.server import create_server
+        from helpers_run import free_port
+
+        assert not getattr(objects.download, "sends_generation", False), "patched in this process"
+        logging.getLogger("gcp_storage_emulator").setLevel(logging.CRITICAL)
+        port = free_port()
+        self.server = create_server("localhost", port, in_memory=True, default_bucket=bucket)
+        self.server.start()
+        self.url = f"http://localhost:{port}"
+
+    def stop(self):
+        self.server.stop()
 
 
 @contextlib.contextmanager
-def emulated_bucket(bucket: str = BUCKET):
-    from gcp_storage_emulator.server import create_server
-
-    _send_generation_headers()
-    logging.getLogger("gcp_storage_emulator").setLevel(logging.ERROR)  # one line per request otherwise
-    port = free_port()
-    server = create_server("localhost", port, in_memory=True, default_bucket=bucket)
-    server.start()
+def emulated_bucket(bucket: str = BUCKET, stock: bool = False):
+    """gs://BUCKET on dmt_jax.storage_emulator (stock=True: on gcp-storage-emulator as it ships)."""
+    emulator = StockEmulator(bucket) if stock else EmulatorProcess(bucket)
     saved = {k: os.environ.get(k) for k in (storage.EMULATOR_VARIABLE, *_DERIVED)}
-    os.environ[storage.EMULATOR_VARIABLE] = f"http://localhost:{port}"
+    os.environ[storage.EMULATOR_VARIABLE] = emulator.url
     storage.configure_emulator()
     _epath_backend_changed()
     try:
@@ -71,7 +114,7 @@ def emulated_bucket(bucket: str = BUCKET):
             else:
                 os.environ[k] = v
         _epath_backend_changed()
-        server.stop()
+        emulator.stop()
 
 
 def _epath_backend_changed():

@@ -70,6 +70,45 @@ def tiny_config(demo_root, **overrides):
     return config
 
 
+FINETUNE_TINY = {
+    "init": "",
+    "total_steps": 16,
+    "batch_size": 16,
+    "checkpoint_every": 4,
+    "log_every": 2,
+    "eval_every": 0,
+    "eval_batch_size": 40,
+    "export_at_end": False,
+    "data.demo_per_class_train": 8,
+    "data.demo_per_class_val": 4,
+}
+
+
+def finetune_args(workdir, demo_root, **overrides) -> list[str]:
+    """A tiny fine-tuning of configs/finetune_demo.py (random init); overrides use '__' for '.'."""
+    fields = dict(FINETUNE_TINY, **{"data.demo_root": str(demo_root)})
+    fields.update({k.replace("__", "."): v for k, v in overrides.items()})
+    return [f"--config={REPO / 'configs' / 'finetune_demo.py'}", f"--workdir={workdir}"] + [
+        f"--config.{k}={v}" for k, v in fields.items()
+    ]
+
+
+def finetune_config(demo_root, **overrides):
+    """The run of finetune_args as a config object, for in-process runs of finetune.finetune."""
+    import runpy
+
+    config = runpy.run_path(str(REPO / "configs" / "finetune_demo.py"))["get_config"]()
+    fields = dict(FINETUNE_TINY, **{"data.demo_root": str(demo_root)})
+    fields.update({k.replace("__", "."): v for k, v in overrides.items()})
+    for dotted, value in fields.items():
+        *parents, leaf = dotted.split(".")
+        node = config
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return config
+
+
 def _literal(text: str):
     import ast
 
@@ -235,14 +274,15 @@ def send_after(run: Run, pattern: str, sig: int = signal.SIGTERM) -> str:
     return line
 
 
-def fill_disk_under(monkeypatch, prefixes: tuple[str, ...]):
-    """Every file opened for writing under one of these path prefixes fails with ENOSPC (a full disk);
-    reads and writes elsewhere go through. orbax writes its metadata through Python's open."""
+def fill_disk_under(monkeypatch, prefixes: tuple[str, ...], code: int = errno.ENOSPC):
+    """Every file opened for writing under one of these path prefixes fails with ENOSPC (a full disk; or
+    another errno: EROFS for a read-only one); reads and writes elsewhere go through. orbax writes its
+    metadata through Python's open."""
     real_open = builtins.open
 
     def open_on_a_full_disk(file, mode="r", *args, **kwargs):
         if isinstance(file, str | os.PathLike) and str(file).startswith(prefixes) and set(mode) & set("wax+"):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(file))
+            raise OSError(code, os.strerror(code), str(file))
         return real_open(file, mode, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "open", open_on_a_full_disk)

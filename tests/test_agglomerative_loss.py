@@ -16,13 +16,14 @@ from dmt_jax.objective import dropping, hadamard, heads
 B, D, HIDDEN, STUDENT_GRID = 16, 32, 48, (8, 8)
 TEACHERS = (  # listed out of name order on purpose
     agg.TeacherTarget("sam", None, 12, (16, 16), norm="layernorm", dense_head="ln_linear", dense_weight=2.0),
-    agg.TeacherTarget("clip", 8, 24, (4, 4), norm="phi_s", summary_weight=1.0, dense_weight=0.5),
+    agg.TeacherTarget("clip", 8, 24, (4, 4), norm="phi_s", summary_norm="phi_s", dense_weight=0.5),
     agg.TeacherTarget(
         "dino",
         6,
         16,
         (8, 8),
         norm="standardize",
+        summary_norm="standardize",
         summary_head="mlp_v1",
         dense_head="mlp_v1",
         summary_weight=0.7,
@@ -98,7 +99,7 @@ def torch_loss(head_modules, prefix, patches, feats, earlier, stats, keep, keep_
         f, total = feats[t.name], 0
         if t.summary_dim:
             seen = [_t(e[t.name].summary) for e in earlier]
-            target = norm(t, t.norm, _t(f.summary), seen, stats[t.name].get("summary"))
+            target = norm(t, t.summary_norm, _t(f.summary), seen, stats[t.name].get("summary"))
             pred = head_modules[f"{t.name}_summary"](prefix[:, slots[t.name]])
             total = total + t.summary_weight * mixed(pred, target, o["summary_loss"])
         seen = [_t(e[t.name].patches) for e in earlier]

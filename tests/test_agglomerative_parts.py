@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dmt_jax.models.features import Features
 from dmt_jax.objective import agglomerative as agg
 from dmt_jax.objective import align, dropping, hadamard, heads, normalize
 
@@ -340,7 +339,7 @@ def test_dropping_with_p_one_keeps_only_the_hardest():
     np.testing.assert_allclose(dropping.combine(losses, jnp.asarray(keep)), (3 + 5 + 2.5) / 3, rtol=1e-6)
 
 
-# ---------------------------------------------------------------- names, slots, the adapter
+# ---------------------------------------------------------------- names and slots
 
 
 def test_heads_are_keyed_by_teacher_name_not_order():
@@ -387,11 +386,3 @@ def test_student_summary_tokens_are_its_prefix():
     expected = head_b.apply({"params": params["heads"]["b_summary"]}, tokens[:, 1])  # slot 1: after CLS
     np.testing.assert_allclose(out["b"]["summary"], expected, rtol=1e-6)
     assert out["a"]["dense"].shape == (2, 64, 8)
-
-
-def test_features_from_todays_vit_tokens():
-    tokens = jnp.arange(2 * (1 + 4 + 9) * 3, dtype=jnp.float32).reshape(2, 14, 3)
-    f = agg.features_from_tokens(tokens, num_reg_tokens=4)
-    assert isinstance(f, Features) and f.prefix.shape == (2, 5, 3) and f.patches.shape == (2, 9, 3)
-    np.testing.assert_array_equal(f.summary, tokens[:, 0])
-    np.testing.assert_array_equal(f.tokens(), tokens)

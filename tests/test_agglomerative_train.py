@@ -25,7 +25,7 @@ def agglomerative_config(**overrides):
     c.agglomerative.per_teacher = {
         "dino": teacher_options(norm="phi_s", summary_weight=0.5),
         "sam": teacher_options(norm="standardize", summary_head="none", dense_weight=2.0),
-        "clip": teacher_options(summary_head="mlp_v1", dense_head="ln_linear"),
+        "clip": teacher_options(summary_head="mlp_v1", dense_head="ln_linear", summary_norm="standardize"),
     }
     c.agglomerative.teacher_drop = 0.5
     c.agglomerative.phi_s_steps = 4
@@ -150,3 +150,54 @@ def test_stage_position_table_is_the_stored_one_resized(px):
     np.testing.assert_array_equal(pos[:, : 1 + regs], params["encoder"]["pos_embed"][:, : 1 + regs])
     if px == 32:
         assert resized is params
+
+
+@pytest.mark.parametrize("shape", [(4, 2), (2, 1), (3, 1)])  # 8 and 2 batch shards: the butterfly; 3: psum
+def test_ordered_batch_sum(shape):
+    mesh = parallel.make_mesh(*shape, devices=jax.devices()[: shape[0] * shape[1]])
+    batch_sum = parallel.ordered_batch_sum(mesh)
+    x = np.random.default_rng(0).standard_normal((24 * 5, 7)).astype(np.float32)
+    placed = jax.device_put(x, parallel.batch_sharding(mesh))
+    total = jax.jit(batch_sum)(placed)
+    np.testing.assert_allclose(total, x.astype(np.float64).sum(0), rtol=1e-5, atol=1e-5)
+    outer = jax.jit(lambda a: batch_sum(a, lambda r: r.T @ r))(placed)
+    np.testing.assert_allclose(outer, x.T.astype(np.float64) @ x, rtol=1e-5, atol=1e-4)
+    shards = [np.asarray(s.data) for s in total.addressable_shards]
+    assert all(np.array_equal(s, shards[0]) for s in shards)  # every device holds the same bits
+
+
+def test_teachers_of_several_families():
+    """A CLIP-like ViT (projected summary), a SigLIP-like one (no CLS, MAP summary) and a SAM encoder at
+    twice the student's resolution (no summary, the neck's 256 channels), each at its own input size."""
+    from dmt_jax.models.sam import SamConfig, SamEncoder
+    from dmt_jax.teachers import Teacher, TeacherSpec, make_random_teacher
+
+    sam_config = SamConfig(
+        embed_dim=64, depth=2, num_heads=2, mlp_dim=128, img_size=64, global_attn_indexes=(1,)
+    )
+    sam_params = jax.jit(SamEncoder(sam_config).init)(
+        jax.random.PRNGKey(3), np.zeros((1, 64, 64, 3), np.float32)
+    )
+    teachers = [
+        make_random_teacher("mu/4", 32, seed=1, fmt="clip", proj_dim=24),
+        make_random_teacher("mu/8", 48, seed=2, fmt="siglip", class_token=False, pool="map"),
+        Teacher(TeacherSpec(format="sam", family="sam", config=sam_config, input_resize="longest_pad"),
+                sam_params["params"]),
+    ]  # fmt: skip
+    c = agglomerative_config(stages=(), mask_ratio=0.0, agglomerative__resample="student_to_teacher")
+    c.teachers = ("clip=clip_l14", "siglip=siglip_so400m", "sam=sam_h")  # names; the Teachers are given
+    c.agglomerative.per_teacher = {
+        "sam": teacher_options(norm="phi_s"),
+        "siglip": teacher_options(norm="standardize"),
+    }
+    mesh = parallel.make_mesh(2, 1, devices=jax.devices()[:2])
+    setup = train.build(c, mesh, teachers=teachers)
+    by_name = {t.name: t for t in setup.targets}
+    assert (by_name["clip"].summary_dim, by_name["clip"].dense_dim, by_name["clip"].grid) == (24, 64, (8, 8))
+    assert (by_name["siglip"].summary_dim, by_name["siglip"].grid) == (64, (6, 6))
+    assert (by_name["sam"].summary_dim, by_name["sam"].dense_dim, by_name["sam"].grid) == (None, 256, (4, 4))
+    assert setup.view_size == 64
+    state, metrics = run(setup, setup.init_state(jax.random.PRNGKey(0)), batches(4, 64), mesh)
+    assert all(np.isfinite(m["loss"]) for m in metrics)
+    assert {"loss_summary/clip", "loss_summary/siglip", "loss_dense/sam"} <= set(metrics[-1])
+    assert "loss_summary/sam" not in metrics[-1] and "sam_summary" not in state.params["heads"]

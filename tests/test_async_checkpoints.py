@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from helpers_run import Run, checkpoint_steps, fill_disk_under, free_port, tiny_config
 
-from dmt_jax import checkpoint, loop
+from dmt_jax import checkpoint, loop, runner
 
 POSITION = {"next_index": 0, "bad_images": 0, "global_batch": 8}
 
@@ -98,14 +98,14 @@ def test_the_loop_trains_on_while_a_checkpoint_is_written(tmp_path, monkeypatch)
     config = tiny_config(tmp_path / "demo", total_steps=8)
     workdir = tmp_path / "work"
     writes = HeldWrites(monkeypatch, workdir / "checkpoints", step=4)
-    log = loop.Books.log
+    log = runner.Books.log
 
     def log_and_release(books, done, host):
         log(books, done, host)
         if done >= 6:
             writes.released.set()
 
-    monkeypatch.setattr(loop.Books, "log", log_and_release)
+    monkeypatch.setattr(runner.Books, "log", log_and_release)
     loop.train_and_evaluate(config, str(workdir))
     assert writes.held >= 1 and not writes.timed_out
     assert checkpoint_steps(workdir) == [4, 8]

@@ -229,11 +229,16 @@ def _nearest_neighbour_accuracy(train_x, train_y, query_x, query_y):
     return np.mean(train_y[np.argmax(query_x @ train_x.T, axis=1)] == query_y)
 
 
-def test_demo_dataset_is_idempotent_mixed_and_separable(tmp_path):
+def test_demo_dataset_is_idempotent_mixed_and_separable(tmp_path, monkeypatch, capsys):
     sizes = {"num_classes": 10, "per_class_train": 16, "per_class_val": 8, "img_size": 32}
+    monkeypatch.setenv("DMT_PROGRESS", "lines")  # as in a log file
     root = data.make_demo_dataset(tmp_path / "demo", **sizes)
+    said = capsys.readouterr().err.splitlines()
+    assert said[0] == f"generating the demo dataset in {root}: started (240 images)", said
+    assert said[-1].startswith(f"generating the demo dataset in {root}: done, 240 images in "), said
     marker_time = os.stat(root / "demo.json").st_mtime_ns
     assert data.make_demo_dataset(tmp_path / "demo", **sizes) == root
+    assert not capsys.readouterr().err  # made already: nothing to report
     assert os.stat(root / "demo.json").st_mtime_ns == marker_time
     assert [p.name for p in tmp_path.iterdir()] == ["demo"]  # no temporary folder left behind
     with pytest.raises(data.DataError):

@@ -25,10 +25,20 @@ def demo_config(tmp_path):
     return c
 
 
-def test_demo_distills_teachers_into_the_student(demo_config, tmp_path):
+def test_demo_distills_teachers_into_the_student(demo_config, tmp_path, monkeypatch, capsys):
     # The demo's own teacher recipe (demo_teachers.STEPS, BATCH, LR): a few seconds each.
     workdir = tmp_path / "run"
+    monkeypatch.setenv("DMT_PROGRESS", "lines")  # as in a log file
     loop.train_and_evaluate(demo_config, str(workdir))
+    out, err = capsys.readouterr()
+    # Every long piece of the start says how far it is; the summary names the teachers for what they are.
+    assert "generating the demo dataset in " in err and ": started (800 images)" in err, err
+    for entry in demo_config.teachers:
+        variant, rest = entry.removeprefix("demo:").split("@")
+        px, seed = rest.split(":")
+        assert f"demo teacher {variant}@{px} seed {seed}: started (1,000 steps)" in err, err
+        assert f"demo teacher {variant}@{px} seed {seed}: done, 1,000 steps in " in err, err
+    assert [line.split(" ")[2] for line in out.splitlines() if line.startswith("teacher ")] == ["demo"] * 3
 
     evals = [json.loads(line) for line in (workdir / "eval.jsonl").read_text().splitlines()]
     first, last = evals[0], evals[-1]

@@ -1,7 +1,7 @@
-"""Fine-tuning (dmt_jax/finetune.py) against independent references: timm's layer-decay parameter
-groups, timm's Mixup/CutMix, timm loading and running the exported classifier; and exact resume
-after SIGKILL (tests/helpers_run.py, as tests/test_resilience.py); the distillation's protections: the
-workdir lock, the resume check, a stop while waiting for input."""
+"""Fine-tuning (dmt_jax/finetune/) against independent references: timm's layer-decay parameter
+groups, timm loading and running the exported classifier; and exact resume
+after SIGKILL (tests/helpers_run.py, as tests/test_resilience.py); the protections both loops share
+(runner.py): the workdir lock, the resume check, a stop while waiting for input."""
 
 import json
 import signal
@@ -63,41 +63,6 @@ def test_layer_decay_equals_timm_param_groups(variant, timm_name, decay):
     for name, (scale, decayed) in want.items():
         assert scales[name] == pytest.approx(scale, rel=1e-12), name
         assert decays[name] == decayed, name
-
-
-@pytest.mark.parametrize("use_cutmix, lam", [(False, 0.3), (True, 0.6)])
-def test_mixup_and_cutmix_equal_timm(use_cutmix, lam):
-    from timm.data.mixup import Mixup, cutmix_bbox_and_lam
-
-    n, h, w, classes, smoothing = 6, 12, 10, 5, 0.1
-    rng = np.random.default_rng(0)
-    pixels = rng.uniform(0, 255, (n, h, w, 3)).astype(np.float32)
-    labels = rng.integers(0, classes, n)
-
-    mixup = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=smoothing, num_classes=classes)
-    mixup._params_per_batch = lambda: (lam, use_cutmix)  # the fixed lambda and kind
-    np.random.seed(1)  # timm draws the box with np.random
-    x = torch.from_numpy(pixels.transpose(0, 3, 1, 2).copy())
-    want_x, want_y = mixup(x, torch.from_numpy(labels))
-    np.random.seed(1)
-    box, lam_box = cutmix_bbox_and_lam((n, 3, h, w), lam, correct_lam=True)
-    used_lam = lam_box if use_cutmix else lam
-
-    targets = finetune.smooth_one_hot(labels, classes, smoothing)
-    got_x, got_y = finetune.mix_batch(jnp.asarray(pixels), targets, used_lam, box, jnp.asarray(use_cutmix))
-    np.testing.assert_allclose(np.asarray(got_x), want_x.numpy().transpose(0, 2, 3, 1), atol=1e-6 * 255)
-    np.testing.assert_allclose(np.asarray(got_y), want_y.numpy(), atol=1e-6)
-    if use_cutmix:
-        assert not np.array_equal(np.asarray(got_x), pixels)  # the box is not empty: the test means something
-
-
-def test_sampled_cutmix_lambda_is_the_box_area():
-    config = finetune_base_config()
-    config.mixup_switch_prob = 1.0  # always CutMix
-    for seed in range(5):
-        lam, box, use_cutmix = finetune.sample_mix(jax.random.PRNGKey(seed), config, 32, 24)
-        area = (int(box[1]) - int(box[0])) * (int(box[3]) - int(box[2]))
-        assert bool(use_cutmix) and float(lam) == pytest.approx(1 - area / (32 * 24))
 
 
 @pytest.mark.parametrize("global_pool", ["avg", "token"])
@@ -204,7 +169,7 @@ def test_finetune_resumes_exactly_after_sigkill(tmp_path):
     assert final[-1]["step"] == 16 and 0 <= final[-1]["top1"] <= final[-1]["top5"] <= 100
 
 
-# ---------------------------------------------------------------- the distillation's protections (loop.py)
+# ---------------------------------------------------------------- the distillation's protections (runner.py)
 
 
 def test_second_finetune_on_a_locked_workdir_is_refused(tmp_path):
@@ -242,15 +207,15 @@ def test_resume_with_another_init_is_refused_naming_it(tmp_path, capsys):
 
 
 def _sigterm_once_the_loop_listens(timeout: float = 300):
-    """SIGTERM to this process once loop.Preemption's handler is installed (before, it would end pytest)."""
+    """SIGTERM to this process once runner.Preemption's handler is installed (before, it would end pytest)."""
     import os
     import time
 
-    from dmt_jax import loop
+    from dmt_jax import runner
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if isinstance(getattr(signal.getsignal(signal.SIGTERM), "__self__", None), loop.Preemption):
+        if isinstance(getattr(signal.getsignal(signal.SIGTERM), "__self__", None), runner.Preemption):
             os.kill(os.getpid(), signal.SIGTERM)
             return
         time.sleep(0.05)
@@ -273,7 +238,8 @@ def test_finetune_stops_with_a_checkpoint_while_waiting_for_input(tmp_path):
 # ---------------------------------------------------------------- RandAugment and random erasing (tf.data)
 
 
-# timm op name, our op, magnitude 9's argument of timm's op (sign +1); the geometric ones fill grey.
+# timm op name, our op, magnitude 9's argument of timm's op (sign +1); the geometric ones fill with the
+# ImageNet mean, as timm's create_transform sets them (img_mean).
 _RAND_OPS = [
     ("AutoContrast", "_auto_contrast", None),
     ("Equalize", "_equalize", None),
@@ -307,7 +273,7 @@ def test_randaugment_ops_equal_timms_pil_ops():
     assert len(_RAND_OPS) == len(ra._OPS)
     for timm_name, ours, arg in _RAND_OPS:
         geometric = timm_name in ("ShearX", "ShearY", "TranslateXRel", "TranslateYRel", "Rotate")
-        kwargs = dict(resample=Image.BILINEAR, fillcolor=(128, 128, 128)) if geometric else {}
+        kwargs = dict(resample=Image.BILINEAR, fillcolor=(124, 116, 104)) if geometric else {}
         args = () if arg is None else (arg,)
         want = np.asarray(aa.NAME_TO_OP[timm_name](Image.fromarray(image), *args, **kwargs)).astype(float)
         got = getattr(ra, ours)(tf.constant(image, tf.float32), tf.constant(9.0), tf.constant(1.0))

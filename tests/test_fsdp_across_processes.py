@@ -22,7 +22,7 @@ def test_export_and_evaluation_when_fsdp_spans_processes(tmp_path):
                 checkpoint_every=4,
                 evaluate=True,
                 eval_every=100,
-                linear_probe_steps=5,
+                linear_probe_epochs=5,
                 export_at_end=True,
                 eval_batch_size=9,  # not a multiple of the 2 devices: rounded up to 10
                 fsdp_min_size=1000,

@@ -317,20 +317,6 @@ def test_workdir_lock_names_the_holder_and_dies_with_it(tmp_path):
     WorkdirLock(tmp_path).acquire().release()
 
 
-def test_object_lock_for_stores_without_flock(tmp_path, monkeypatch):
-    from dmt_jax import workdir_lock
-
-    monkeypatch.setattr(time, "sleep", lambda s: None)
-    first = WorkdirLock(tmp_path, use_object=True).acquire()
-    with pytest.raises(WorkdirLocked, match=f"pid {os.getpid()}"):
-        WorkdirLock(tmp_path, use_object=True).acquire()
-    first.release()
-    assert not (tmp_path / workdir_lock.LOCK_OBJECT).exists()
-    stale = dict(first.holder, heartbeat=time.time() - 2 * workdir_lock.STALE_S)  # a run that died
-    (tmp_path / workdir_lock.LOCK_OBJECT).write_text(json.dumps(stale))
-    WorkdirLock(tmp_path, use_object=True).acquire().release()
-
-
 def test_second_run_on_a_busy_workdir_is_refused(tmp_path):
     workdir = tmp_path / "run"
     with WorkdirLock(workdir):
@@ -463,3 +449,146 @@ def test_a_dataset_that_grew_is_a_changed_run():
     saved = {"teachers": ["abc"], "config": {"seed": 0}, "num_train_examples": 1000}
     now = dict(saved, num_train_examples=1010)
     assert run_record.differences(saved, now) == (["training images: 1000 -> 1010"], [])
+
+
+# ---------------------------------------------------------------- config abuse (issue 18, item 9)
+
+RECIPES = {
+    "raises": ('raise RuntimeError("boom")\n', "raised RuntimeError: boom while loading"),
+    "not python": ("teachers:\n  - teachers/mae\nbatch_size: 4\n", "is not Python: "),
+    "exits": ("import sys\nsys.exit(3)\n", "raised SystemExit: 3 while loading"),
+    "no get_config": ("x = 1\n", "defines no get_config()"),
+    "get_config raises": ("def get_config():\n    return {}['x']\n", "get_config() raised KeyError: 'x'"),
+    "get_config returns an int": (
+        "def get_config():\n    return 5\n",
+        "returned a int, not an ml_collections",
+    ),
+    "binary": ("\0\1\2", "is not Python: source code string cannot contain null bytes: give"),
+}
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_a_recipe_that_cannot_give_a_config_is_one_line(tmp_path, name):
+    from dmt_jax import main
+
+    content, message = RECIPES[name]
+    (tmp_path / "recipe.py").write_text(content)
+    problem = main._recipe_problem(str(tmp_path / "recipe.py"))
+    assert message in problem and str(tmp_path / "recipe.py") in problem and "\n" not in problem
+
+
+def test_config_abuse_on_the_command_line_is_one_line_each(tmp_path):
+    (tmp_path / "raises.py").write_text('raise RuntimeError("boom")\n')
+    teacher = teachers.make_random_teacher("mu/4", 32, 0)
+    teachers.save_teacher(tmp_path / "t", teacher.spec, teacher.params)
+    (tmp_path / "link").symlink_to(tmp_path)
+    cases = [  # (extra arguments, teachers) -> what the one error line says
+        (("--config=" + str(tmp_path / "raises.py"),), None, "raised RuntimeError: boom while loading"),
+        ((), "(1,2)", "--config.teachers=(1, 2): must be a tuple of strings"),
+        ((), f"('{tmp_path}/t','{tmp_path}/link/t/')", "names one teacher twice"),  # one folder, typed twice
+    ]
+    runs = []
+    for args, entries, message in cases:
+        fields = {"teachers": entries} if entries else {}
+        runs.append(
+            (Run([*cli_args(tmp_path / "w", tmp_path / "demo", **fields), *args], devices=1), message)
+        )
+    for run, message in runs:
+        assert run.finish(timeout=300) == 2, run.output
+        errors = [line for line in run.output.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and message in errors[0], run.output
+        assert "Traceback" not in run.output
+    assert not (tmp_path / "w").exists()
+
+
+def test_duplicate_teachers_are_refused_unless_asked_for(tmp_path):
+    import shutil
+
+    from dmt_jax import config as config_lib
+    from dmt_jax import parallel, train
+    from tests.helpers_run import tiny_config
+
+    teacher = teachers.make_random_teacher("mu/4", 32, 0)
+    teachers.save_teacher(tmp_path / "t", teacher.spec, teacher.params)
+    shutil.copytree(tmp_path / "t", tmp_path / "copy")  # the same weights in another folder
+    same = tiny_config(tmp_path / "demo", teachers="('random:mu/4@32:1','random:mu/4@32:1')")
+    assert any("names one teacher twice ('random:mu/4@32:1' (entries 0 and 1))" in p
+               for p in config_lib.consistency_problems(same))  # fmt: skip
+    copies = tiny_config(tmp_path / "demo", teachers=f"('{tmp_path}/t','{tmp_path}/copy')")
+    assert not config_lib.consistency_problems(copies)  # two folders: only their weights tell
+    mesh = parallel.make_mesh(-1, 1)
+    with pytest.raises(UserError, match="teachers 0 and 1 of --config.teachers have the same weights"):
+        train.build(copies, mesh, num_train_examples=80)
+    for config in (same, copies):
+        config.allow_duplicate_teachers = True  # meant: allowed
+        assert not config_lib.consistency_problems(config)
+        assert len(train.build(config, mesh, num_train_examples=80).teacher_fingerprints) == 2
+
+
+# ---------------------------------------------------------------- conversion bounds (issue 18, item 5)
+
+
+def test_float64_weights_beyond_float32s_range_are_refused(tmp_path, tiny_backbone):
+    state = {k: v.double() for k, v in tiny_backbone.items()}
+    state["blocks.1.mlp.fc2.weight"][0, 0] = 1e300  # finite as float64, Inf as float32
+    rc, err = _convert(tmp_path, state)
+    assert (
+        rc == 2 and "NaN or Inf: blocks.1.mlp.fc2.weight (as float32: values beyond its range, 3.4e38" in err
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_tiny_file_declaring_a_huge_model_is_refused_before_anything_is_materialized(
+    tmp_path, tiny_backbone
+):
+    import resource
+
+    expanded = dict(tiny_backbone, **{"blocks.0.mlp.fc1.weight": torch.zeros(1).expand(100_000, 100_000)})
+    shared = torch.zeros(1_000_000)
+    views = dict(tiny_backbone, **{f"extra.{i}": shared for i in range(2000)})  # one 4 MB storage 2000 times
+    cases = {
+        "expanded": (expanded, "tensors that repeat their storage (stride-0 or overlapping views)"),
+        "views": (views, "its tensors declare 8.0 GB as float32 in a file of"),
+    }
+    limit = resource.getrlimit(resource.RLIMIT_AS)
+    for name, (state, message) in cases.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        resource.setrlimit(resource.RLIMIT_AS, (2 * 2**30 + _address_space(), limit[1]))  # 40 GB cannot fit
+        try:
+            rc, err = _convert(folder, state)
+        finally:
+            resource.setrlimit(resource.RLIMIT_AS, limit)
+        assert rc == 2 and message in err and (folder / "ckpt.pth").stat().st_size < 5_000_000, err
+        assert not (folder / "out").exists()
+
+
+def _address_space() -> int:
+    """Bytes of address space this process already maps (the limit above is on top of it)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_keys_that_are_not_strings_are_refused_in_one_line(tmp_path, tiny_backbone):
+    for state in (
+        {**tiny_backbone, 0: tiny_backbone["norm.weight"]},
+        {"state_dict": {**tiny_backbone, 7: 1}},
+    ):
+        rc, err = _convert(tmp_path, state)
+        assert rc == 2 and "not a checkpoint: keys that are not strings: checkpoint" in err and "(int)" in err
+        assert err.count("\n") == 1
+    optimizer = {"state": {0: {"exp_avg": tiny_backbone["norm.weight"]}}, "param_groups": [{"lr": 1.0}]}
+    rc, err = _convert(tmp_path, {"teacher": tiny_backbone, "optimizer": optimizer, "epoch": 5})
+    assert rc == 0, err  # a training file's optimizer state is keyed by integers: not refused
+
+
+def test_a_guessed_format_names_the_format_option(tmp_path, tiny_backbone, capsys):
+    for state, fmt in (({"state_dict": tiny_backbone}, "ibot"), (tiny_backbone, "dino")):
+        rc, _ = _convert(tmp_path, state, "--overwrite")
+        out = capsys.readouterr().out
+        assert rc == 0 and f"format {fmt} is a guess" in out and "convert again with --format NAME" in out
+    marked = {"state_dict": dict(tiny_backbone, masked_embed=tiny_backbone["norm.weight"][None])}
+    assert _convert(tmp_path, marked, "--overwrite")[0] == 0
+    assert "is a guess" not in capsys.readouterr().out  # iBOT's own marker: no guess
+    assert _convert(tmp_path, {"state_dict": tiny_backbone}, "--overwrite", "--format", "ibot")[0] == 0
+    assert "is a guess" not in capsys.readouterr().out  # named: no guess

@@ -66,6 +66,11 @@ def test_unknown_field_messages():
     assert unknown_field_message(schema, "dat.source").endswith("did you mean 'data.source'?")
     assert unknown_field_message(schema, "dta.sorce_x_y").endswith("did you mean 'data'?")
     assert unknown_field_message(schema, "qqqq") == "config field 'qqqq' does not exist"
+    # A word of the name (PyTorch's lr / learning_rate) finds every field holding it.
+    for typed in ("lr", "learning_rate"):
+        assert unknown_field_message(schema, typed).endswith("did you mean 'base_lr' or 'min_lr'?")
+    assert unknown_field_message(schema, "teacher").endswith("did you mean 'teachers'?")
+    assert unknown_field_message(schema, "data.root").endswith("did you mean 'data.demo_root'?")
     recipe = base_config()
     recipe.unlock()
     recipe.batchsize, recipe.mesh.dta = 3, 2
@@ -106,3 +111,26 @@ def test_explicit_distributed_config_is_checked_before_connecting():
     assert not jax.distributed.is_initialized()
     cfg.coordinator_address = ""
     assert parallel.initialize_distributed(cfg) == ""  # a lone process (no cluster here) initializes nothing
+
+
+def test_matplotlib_builds_its_font_cache_quietly(tmp_path):
+    """Keras (under TensorFlow) imports matplotlib, which builds its font cache on a new machine and says
+    so through the logging that absl shows; importing dmt_jax drops that notice (the control shows it)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\nfrom absl import app\n"
+        "if sys.argv[1] == 'dmt':\n    import dmt_jax\n"
+        "app.run(lambda argv: __import__('matplotlib.font_manager') and None, argv=sys.argv[:1])\n"
+    )
+
+    def output(case: str) -> str:
+        env = {"PATH": "/usr/bin:/bin", "MPLCONFIGDIR": str(tmp_path / case), "PYTHONPATH": str(REPO)}
+        done = subprocess.run([sys.executable, "-c", script, case], capture_output=True, text=True, env=env)
+        assert done.returncode == 0, done.stderr
+        return done.stdout + done.stderr
+
+    assert "fontManager" in output("control")
+    quiet = output("dmt")
+    assert "fontManager" not in quiet and "font cache" not in quiet, quiet

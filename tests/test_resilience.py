@@ -6,9 +6,11 @@ The subprocess runs (reference, SIGKILL, SIGTERM and their restarts) are started
 the module; the other faults run in process, on conftest's 8 virtual devices.
 """
 
+import json
 import os
 import shutil
 import signal
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -21,6 +23,8 @@ from helpers_run import (
     cli_args,
     example_ids,
     fill_disk_under,
+    finetune_args,
+    finetune_config,
     max_rel_err,
     read_state,
     scalars,
@@ -28,7 +32,7 @@ from helpers_run import (
     trees_equal,
 )
 
-from dmt_jax import checkpoint, loop
+from dmt_jax import checkpoint, loop, runner
 
 STEPS = 20  # long enough that a signal sent at step 6 lands well before the end
 
@@ -204,7 +208,7 @@ def test_nonfinite_skip_and_unreadable_images_go_on(tmp_path, capsys):
 
 def test_sigint_sets_the_flag_and_handlers_are_restored():
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-    preemption = loop.Preemption(agree_every=1)
+    preemption = runner.Preemption(agree_every=1)
     assert not preemption.should_stop(1)
     os.kill(os.getpid(), signal.SIGINT)
     time.sleep(0.01)  # Python runs the handler at the next bytecode boundary
@@ -260,3 +264,126 @@ def _leaves(tree):
     import jax
 
     return jax.tree.leaves(tree)
+
+
+# ---------------------------------------------------------------- stop requests outside a step, interrupts
+
+
+def _sigterm_when(predicate, timeout: float = 300):
+    """SIGTERM to this process once predicate() holds (polled); returns the monotonic time it was sent."""
+    sent = []
+
+    def watch():
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate():
+                sent.append(time.monotonic())
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            time.sleep(0.02)
+
+    threading.Thread(target=watch, daemon=True).start()
+    return sent
+
+
+def test_sigterm_during_an_evaluation_checkpoints_at_once(tmp_path, monkeypatch, capsys):
+    """Each evaluation batch takes a second (a slow validation set); SIGTERM arrives during the first
+    batch of the evaluation at step 4: the run checkpoints step 4 and ends within a few seconds, not
+    after the evaluation. The resume (eval.jsonl's last line torn meanwhile) evaluates and exports."""
+    from dmt_jax import finetune
+
+    def slow(batches):
+        for batch in batches:
+            evaluating.set()
+            time.sleep(1.0)
+            yield batch
+
+    real_eval_input, evaluating = runner._eval_input, threading.Event()
+    monkeypatch.setattr(runner, "_eval_input", lambda cfg, source: list(slow(real_eval_input(cfg, source))))
+    fields = dict(total_steps=8, eval_every=4, export_at_end=True, eval_batch_size=8)
+    workdir, demo = tmp_path / "run", tmp_path / "demo"
+    sent = _sigterm_when(evaluating.is_set)
+    assert finetune.finetune(finetune_config(demo, **fields), str(workdir)) == {}
+    took = time.monotonic() - sent[0]
+    out = capsys.readouterr().out
+    assert "stop requested during the evaluation at step 4: checkpoint at step 4 saved" in out, out
+    assert checkpoint_steps(workdir) == [4] and took < 10, took  # a batch, the save; not 5 more batches
+    assert not (workdir / "eval.jsonl").exists()
+
+    monkeypatch.undo()
+    (workdir / "eval.jsonl").write_text('{"step": 4, "top1": 1')  # a kill during an append
+    final = finetune.finetune(finetune_config(demo, **fields), str(workdir))
+    assert "resuming from the checkpoint at step 4" in capsys.readouterr().out
+    lines = [json.loads(line) for line in (workdir / "eval.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in lines] == [8] and final["top1"] == lines[0]["top1"]
+    assert (workdir / "classifier_timm.safetensors").exists()
+
+
+def test_sigterm_while_the_first_step_compiles_ends_at_once(tmp_path):
+    """A ViT-B/16 fine-tuning compiles its first step for many seconds: a SIGTERM then ends the run at once
+    (nothing learned yet: nothing to save), exit 0, no abort from the compile left running."""
+    args = finetune_args(tmp_path / "run", tmp_path / "demo", model__variant="B/16", total_steps=4)
+    run = Run(["first-step", "dmt_jax.finetune", *args], devices=1, module="tests.patched_run")
+    run.wait_for(r"^first step compiling$")
+    run.send(signal.SIGTERM)
+    sent = time.monotonic()
+    assert run.finish() == 0, run.output
+    assert time.monotonic() - sent < 30
+    said = "stop requested while the first step compiled: nothing to save (resumes from the start)"
+    assert said in run.output
+    assert not any(line.startswith("step ") for line in run.lines), run.output  # it did not wait for step 1
+    assert "Traceback" not in run.output and "terminate called" not in run.output
+    assert checkpoint_steps(tmp_path / "run") == []
+
+
+def test_a_second_ctrl_c_ends_in_one_line_and_removes_the_partial_checkpoint(tmp_path):
+    """Saves from step 8 on never finish (tests/patched_run.py): the first Ctrl-C asks for a checkpoint,
+    the second, during that save, ends the run at once: one line, exit 130, no partial folder left."""
+    workdir, demo = tmp_path / "run", tmp_path / "demo"
+    args = ["held-saves", "8", "dmt_jax.main", *cli_args(workdir, demo, total_steps=200)]
+    run = Run(args, module="tests.patched_run")
+    run.wait_for("^held$")
+    run.send(signal.SIGINT)
+    time.sleep(2)
+    run.send(signal.SIGINT)
+    assert run.finish() == 130, run.output
+    after_held = run.output.split("held\n", 1)[1].splitlines()
+    assert [line for line in after_held if not line.startswith("step ")] == [
+        "interrupted: stopped without a new checkpoint; run again to resume from the newest"
+    ], run.output
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["4"]
+    resumed = Run(cli_args(workdir, demo, total_steps=8, resume_allow_changes=True))  # a shorter run
+    assert resumed.finish() == 0, resumed.output
+    assert "resuming from the checkpoint at step 4" in resumed.output
+
+
+def test_a_refused_resume_says_one_line_before_anything_else(tmp_path, capsys):
+    """A changed student (its arrays change shape) is refused naming the change, even with
+    resume_allow_changes, before any array is read, the summary or 'resuming from' is said, or an events
+    file is opened; a fine-tuning pointed at a distillation's workdir, and the reverse, in one line."""
+    from dmt_jax import finetune
+    from dmt_jax.errors import UserError
+    from dmt_jax.run_record import ResumeRefused
+
+    demo, distilled, tuned = tmp_path / "demo", tmp_path / "distilled", tmp_path / "tuned"
+    loop.train_and_evaluate(tiny_config(demo, total_steps=2, checkpoint_every=2), str(distilled))
+    finetune.finetune(finetune_config(demo, total_steps=2, checkpoint_every=2), str(tuned))
+    events = sorted(p.name for p in distilled.glob("events.out.tfevents.*"))
+    capsys.readouterr()
+
+    changed = tiny_config(demo, total_steps=4, student__pos_embed="learned", resume_allow_changes=True)
+    with pytest.raises(ResumeRefused) as refused:
+        loop.train_and_evaluate(changed, str(distilled))
+    assert "student.pos_embed: 'sincos' -> 'learned'" in str(refused.value)
+    assert "its arrays have other shapes, so it cannot be resumed" in str(refused.value)
+    assert capsys.readouterr().out == ""  # no summary, no "resuming from"
+    assert sorted(p.name for p in distilled.glob("events.out.tfevents.*")) == events
+
+    refusal = r"holds the checkpoints of a distillation \(python -m dmt_jax.main\), not of a fine-tuning: "
+    with pytest.raises(UserError, match=refusal + r"choose another --workdir \(to fine-tune its student, "):
+        finetune.finetune(finetune_config(demo, total_steps=2), str(distilled))
+    refusal = r"holds the checkpoints of a fine-tuning \(python -m dmt_jax.finetune\), not of a distillation"
+    with pytest.raises(UserError, match=refusal):
+        loop.train_and_evaluate(tiny_config(demo, total_steps=2), str(tuned))
+    with pytest.raises(ResumeRefused, match="model.global_pool: 'avg' -> 'token'"):
+        finetune.finetune(finetune_config(demo, total_steps=2, model__global_pool="token"), str(tuned))

@@ -54,7 +54,7 @@ def test_startup_summary_says_what_the_run_will_do(tiny_setup):
     text = summary.describe_run(tiny_setup, _FortyImages())
     assert text.splitlines() == [
         f"data: demo dataset in {tiny_setup.config.data.demo_root}: 40 images, 4 classes",
-        "teacher 0: mae mu/4 at 32 px, 8x8 grid (random:mu/4@32:1)",
+        "teacher 0: random mu/4 at 32 px, 8x8 grid (random:mu/4@32:1)",
         "student: mu/4 at 32 px, 8x8 grid, mask ratio 0.75",
         "schedule: 10 steps of batch 8 = 2 epochs; warmup 4 steps, then cosine from peak lr 4.69e-06 to 0",
         "devices: 8 x cpu in 1 process(es); mesh data=1 x fsdp=1",

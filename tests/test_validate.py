@@ -39,7 +39,7 @@ BAD_VALUES = [
     ("keep_checkpoints", 0, ">= 1"),
     ("knn_k", 0, ">= 1"),
     ("knn_temperature", 0.0, "> 0"),
-    ("linear_probe_steps", -1, ">= 0"),
+    ("linear_probe_epochs", -1, ">= 0"),
     ("loss", "l1", "one of"),
     ("head", "conv", "one of"),
     ("nonfinite", "ignore", "one of"),

@@ -17,26 +17,45 @@ def _to_uint8(image: tf.Tensor) -> tf.Tensor:
     return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
 
 
-def _band_weights(in_size, resized_size, out_size: int, offset):
+def _triangle(distance):
+    return tf.maximum(0.0, 1.0 - tf.abs(distance))
+
+
+def _keys_cubic(distance):
+    """Keys' cubic convolution with a = -0.5: PIL's BICUBIC filter (and TF's 'keyscubic')."""
+    d = tf.abs(distance)
+    a = -0.5
+    near = ((a + 2.0) * d - (a + 3.0)) * d * d + 1.0
+    far = ((a * d - 5.0 * a) * d + 8.0 * a) * d - 4.0 * a
+    return tf.where(d <= 1.0, near, tf.where(d < 2.0, far, 0.0))
+
+
+# name -> (kernel, radius): PIL's BILINEAR and BICUBIC filters, both antialiased when downscaling.
+_KERNELS = {"bilinear": (_triangle, 1.0), "bicubic": (_keys_cubic, 2.0)}
+INTERPOLATIONS = tuple(_KERNELS)
+
+
+def _band_weights(in_size, resized_size, out_size: int, offset, interpolation: str = "bilinear"):
     """Weights of output pixels [offset, offset + out_size) of one axis resized from in_size to
     resized_size, in bands of _BAND outputs that read `span` consecutive inputs from `start`:
     returns (input index [bands, span], weight [bands, _BAND, span])."""
+    kernel, radius = _KERNELS[interpolation]
     scale = tf.cast(in_size, tf.float32) / tf.cast(resized_size, tf.float32)
-    support = tf.maximum(scale, 1.0)  # antialiasing: the triangle widens with the downscale factor
+    support = tf.maximum(scale, 1.0)  # antialiasing: the kernel widens with the downscale factor
     bands = -(-out_size // _BAND)
-    span = tf.minimum(tf.cast(tf.math.ceil(_BAND * scale + 2.0 * support), tf.int32) + 1, in_size)
+    span = tf.minimum(tf.cast(tf.math.ceil(_BAND * scale + 2.0 * radius * support), tf.int32) + 1, in_size)
     centers = (tf.cast(tf.range(bands * _BAND) + offset, tf.float32) + 0.5) * scale
     centers = tf.reshape(centers, [bands, _BAND])
-    start = tf.cast(tf.math.ceil(centers[:, 0] - support - 0.5), tf.int32)
+    start = tf.cast(tf.math.ceil(centers[:, 0] - radius * support - 0.5), tf.int32)
     index = tf.clip_by_value(start, 0, in_size - span)[:, None] + tf.range(span)
     distance = (tf.cast(index, tf.float32)[:, None, :] + 0.5 - centers[:, :, None]) / support
-    weight = tf.maximum(0.0, 1.0 - tf.abs(distance))
-    return index, weight / tf.maximum(tf.reduce_sum(weight, axis=2, keepdims=True), 1e-12)
+    weight = kernel(distance)  # taps outside the image are absent: the others are renormalized (PIL)
+    return index, weight / tf.reduce_sum(weight, axis=2, keepdims=True)
 
 
-def _resample_rows(image: tf.Tensor, resized_size, out_size: int, offset) -> tf.Tensor:
+def _resample_rows(image: tf.Tensor, resized_size, out_size: int, offset, interpolation: str) -> tf.Tensor:
     """[H, W, C] -> [out_size, W, C] float32: one small matmul per band of output rows."""
-    index, weight = _band_weights(tf.shape(image)[0], resized_size, out_size, offset)
+    index, weight = _band_weights(tf.shape(image)[0], resized_size, out_size, offset, interpolation)
     width_channels = tf.shape(image)[1] * tf.shape(image)[2]
     rows = tf.cast(tf.gather(image, index, axis=0), tf.float32)  # [bands, span, W, C]
     rows = tf.reshape(rows, tf.concat([tf.shape(index), [width_channels]], 0))
@@ -44,18 +63,29 @@ def _resample_rows(image: tf.Tensor, resized_size, out_size: int, offset) -> tf.
     return tf.reshape(rows, [-1, tf.shape(image)[1], tf.shape(image)[2]])[:out_size]
 
 
-def resize_window(image: tf.Tensor, height: int, width: int, resized_hw=None, offset_hw=(0, 0)) -> tf.Tensor:
+def resize_window(
+    image: tf.Tensor,
+    height: int,
+    width: int,
+    resized_hw=None,
+    offset_hw=(0, 0),
+    interpolation: str = "bilinear",
+) -> tf.Tensor:
     """The height x width window at offset_hw of `image` resized to resized_hw (default: the window's
-    size), bilinear with antialiasing; float32.
+    size), antialiased 'bilinear' or 'bicubic' as PIL resizes; float32.
 
-    Equal (to float rounding) to tf.image.resize(method='bilinear', antialias=True) followed by the
-    crop, i.e. TF's ScaleAndTranslate triangle kernel, PIL-like when downscaling. Computed as banded
-    matmuls (about 1.7x faster than ScaleAndTranslate on CPU), and only for the window's pixels.
+    Equal (to float rounding) to tf.image.resize(method='bilinear' | 'bicubic', antialias=True)
+    followed by the crop, i.e. TF's ScaleAndTranslate with the triangle or Keys cubic kernel, PIL's
+    filters when downscaling; for pixels in [0, 255], as PIL also stores its first pass (columns) in
+    8 bits, that pass is clipped to [0, 255] (only a bicubic overshoot reaches past). Computed as
+    banded matmuls (about 1.7x faster than ScaleAndTranslate on CPU), only for the window's pixels.
     """
     resized_h, resized_w = resized_hw if resized_hw is not None else (height, width)
-    rows = _resample_rows(image, resized_h, height, offset_hw[0])
-    columns = _resample_rows(tf.transpose(rows, [1, 0, 2]), resized_w, width, offset_hw[1])
-    out = tf.transpose(columns, [1, 0, 2])
+    # Columns first, as PIL, which stores that pass in 8 bits: a bicubic overshoot past 0 or 255 is
+    # clipped before the rows are resampled.
+    columns = _resample_rows(tf.transpose(image, [1, 0, 2]), resized_w, width, offset_hw[1], interpolation)
+    columns = tf.clip_by_value(tf.transpose(columns, [1, 0, 2]), 0.0, 255.0)
+    out = _resample_rows(columns, resized_h, height, offset_hw[0], interpolation)
     out.set_shape([height, width, image.shape[-1]])
     return out
 
@@ -109,43 +139,60 @@ def check_pixels(encoded: tf.Tensor, max_pixels: int) -> tf.Tensor:
         return tf.identity(encoded)
 
 
+def sample_crop(image_shape, seed, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), attempts: int = 10):
+    """torchvision's RandomResizedCrop.get_params (timm's too), stateless: up to `attempts` boxes of
+    area uniform in `scale` x the image's and aspect ratio log-uniform in `ratio`, the first that fits
+    placed uniformly; if none fits, the central crop of the ratio range's nearest ratio. Returns
+    (begin [top, left], size [height, width]), int32."""
+    height = tf.cast(image_shape[0], tf.float32)
+    width = tf.cast(image_shape[1], tf.float32)
+    s = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 3)
+    areas = tf.random.stateless_uniform([attempts], s[0], scale[0], scale[1]) * height * width
+    log_ratio = tf.random.stateless_uniform([attempts], s[1], math.log(ratio[0]), math.log(ratio[1]))
+    aspect = tf.exp(log_ratio)
+    w, h = tf.round(tf.sqrt(areas * aspect)), tf.round(tf.sqrt(areas / aspect))  # half to even, as round()
+    fits = (w <= width) & (h <= height) & (w > 0) & (h > 0)
+    first = tf.argmax(tf.cast(fits, tf.int32))
+    w, h = w[first], h[first]
+    corner = tf.random.stateless_uniform([2], s[2], 0.0, 1.0)  # randint(0, H - h) and randint(0, W - w)
+    top = tf.minimum(tf.floor(corner[0] * (height - h + 1)), height - h)
+    left = tf.minimum(tf.floor(corner[1] * (width - w + 1)), width - w)
+    # The fallback: the whole image, cut to the nearest ratio of the range, centred.
+    in_ratio = width / height
+    fallback_w = tf.where(in_ratio > ratio[1], tf.round(height * ratio[1]), width)
+    fallback_h = tf.where(in_ratio < ratio[0], tf.round(width / ratio[0]), height)
+    found = tf.reduce_any(fits)
+    h, w = tf.where(found, h, fallback_h), tf.where(found, w, fallback_w)
+    top = tf.where(found, top, tf.floor((height - h) / 2))
+    left = tf.where(found, left, tf.floor((width - w) / 2))
+    return tf.cast(tf.stack([top, left]), tf.int32), tf.cast(tf.stack([h, w]), tf.int32)
+
+
 def decode_random_resized_crop(
     encoded: tf.Tensor,
     seed: tf.Tensor,
     img_size: int,
     scale: tuple[float, float] = (0.2, 1.0),
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
-    max_attempts: int = 10,
+    interpolation: str = "bilinear",
 ) -> tf.Tensor:
-    """RandomResizedCrop as big_vision's inception crop: sample the box from the header's shape, then
-    decode only that window for JPEG (most of the decode cost saved), decode + slice otherwise."""
-
-    def sample_window(image_shape):
-        begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
-            image_shape,
-            bounding_boxes=tf.zeros([0, 0, 4], tf.float32),
-            seed=seed,
-            min_object_covered=0.0,
-            aspect_ratio_range=ratio,
-            area_range=scale,
-            max_attempts=max_attempts,
-            use_image_if_no_bounding_boxes=True,
-        )
-        return begin, size
+    """RandomResizedCrop (torchvision's box, sample_crop) as big_vision's inception crop: the box is
+    sampled from the header's shape, then only that window is decoded for JPEG (most of the decode
+    cost saved), decode + slice otherwise."""
 
     def jpeg_crop():
-        begin, size = sample_window(tf.io.extract_jpeg_shape(encoded))
+        begin, size = sample_crop(tf.io.extract_jpeg_shape(encoded), seed, scale, ratio)
         window = tf.stack([begin[0], begin[1], size[0], size[1]])
         return tf.io.decode_and_crop_jpeg(encoded, window, channels=3)
 
     def other_crop():
         image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
-        begin, size = sample_window(tf.shape(image))
-        return tf.slice(image, begin, size)
+        begin, size = sample_crop(tf.shape(image), seed, scale, ratio)
+        return tf.slice(image, tf.concat([begin, [0]], 0), tf.concat([size, [3]], 0))
 
     crop = tf.cond(tf.io.is_jpeg(encoded), jpeg_crop, other_crop)
     crop.set_shape([None, None, 3])
-    return _to_uint8(resize_window(crop, img_size, img_size))
+    return _to_uint8(resize_window(crop, img_size, img_size, interpolation=interpolation))
 
 
 def train_transform(
@@ -167,7 +214,11 @@ def eval_resize_size(img_size: int, crop_fraction: float) -> int:
 
 
 def eval_transform(
-    encoded: tf.Tensor, img_size: int, crop_fraction: float = 0.875, max_pixels: int = MAX_IMAGE_PIXELS
+    encoded: tf.Tensor,
+    img_size: int,
+    crop_fraction: float = 0.875,
+    max_pixels: int = MAX_IMAGE_PIXELS,
+    interpolation: str = "bilinear",
 ) -> tf.Tensor:
     """Resize the shorter side to img_size / crop_fraction, then take the central img_size square
     (only the square's pixels are computed)."""
@@ -178,4 +229,5 @@ def eval_transform(
     resized_h = tf.maximum(img_size, tf.cast(tf.round(height * factor), tf.int32))
     resized_w = tf.maximum(img_size, tf.cast(tf.round(width * factor), tf.int32))
     offsets = ((resized_h - img_size) // 2, (resized_w - img_size) // 2)
-    return _to_uint8(resize_window(image, img_size, img_size, (resized_h, resized_w), offsets))
+    window = resize_window(image, img_size, img_size, (resized_h, resized_w), offsets, interpolation)
+    return _to_uint8(window)

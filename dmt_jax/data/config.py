@@ -7,6 +7,7 @@ from pathlib import Path
 
 from etils import epath
 
+from dmt_jax import storage
 from dmt_jax.data.demo import CLASSES, make_demo_dataset
 from dmt_jax.data.pipeline import EvalInput, TrainInput
 from dmt_jax.data.sources import (
@@ -24,7 +25,7 @@ SPLIT_ROLES = ("train", "knn_train", "knn_eval")
 def demo_dataset_root(data_config) -> Path:
     c = data_config
     name = f"c{c.demo_num_classes}_t{c.demo_per_class_train}_v{c.demo_per_class_val}_s{c.demo_img_size}"
-    return Path(c.demo_root).expanduser() / name
+    return Path(storage.resolve(c.demo_root, "--config.data.demo_root")) / name
 
 
 def make_source(data_config, split_role: str) -> Source:
@@ -89,6 +90,7 @@ def make_train_input(
         prefetch=c.prefetch,
         crop_scale=tuple(c.crop_scale),
         crop_ratio=tuple(c.crop_ratio),
+        interpolation=c.interpolation,
         randaugment=c.randaugment,
         random_erasing=c.random_erasing,
         max_pixels=c.max_image_pixels,
@@ -114,6 +116,7 @@ def make_eval_input(
         process_index=process_index,
         process_count=process_count,
         crop_fraction=c.eval_crop_fraction,
+        interpolation=c.interpolation,
         num_parallel=c.num_parallel,
         threads=c.threads,
         prefetch=c.prefetch,

@@ -8,16 +8,22 @@ poorly, a k-NN on features that capture texture and shape does well.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
+import sys
+import threading
 import uuid
 from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
 
+from dmt_jax import storage
 from dmt_jax.data.sources import DataError
+from dmt_jax.progress import Progress
 
 DEMO_SEED = 20240101
 _MARKER = "demo.json"
@@ -136,33 +142,81 @@ def make_demo_dataset(
     """
     if not 1 <= num_classes <= len(CLASSES):
         raise DataError(f"demo num_classes must be in [1, {len(CLASSES)}], got {num_classes}")
-    root = Path(root).expanduser()
+    root = Path(storage.resolve(root, "--config.data.demo_root"))
     spec = _spec(num_classes, per_class_train, per_class_val, img_size)
     if _is_complete(root, spec):
         return root
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = root.parent / f".{root.name}.tmp-{uuid.uuid4().hex}"
+    tmp = root.parent / f".{root.name[:200]}.tmp-{uuid.uuid4().hex}"
     try:
-        splits = [("train", per_class_train), ("val", per_class_val)]
-        for split_index, (split, per_class) in enumerate(splits):
-            for class_index, class_name in enumerate(list(CLASSES)[:num_classes]):
-                folder = tmp / split / f"{class_index:02d}_{class_name}"
-                folder.mkdir(parents=True)
-                rng = np.random.default_rng([DEMO_SEED, split_index, class_index])
-                for i in range(per_class):
-                    image = render(class_index, img_size, rng)
-                    if i % 2 == 0:
-                        (folder / f"{i:05d}.jpg").write_bytes(tf.io.encode_jpeg(image, quality=90).numpy())
-                    else:
-                        (folder / f"{i:05d}.png").write_bytes(tf.io.encode_png(image).numpy())
-        (tmp / _MARKER).write_text(json.dumps(spec, sort_keys=True))
-        os.rename(tmp, root)
+        # A full disk: one line naming the dataset (not a file in its temporary folder), nothing left.
+        with _removed_when_stopped(tmp), storage.named_write_errors(root):
+            root.parent.mkdir(parents=True, exist_ok=True)
+            _write_images(tmp, spec, f"generating the demo dataset in {root}")
+            (tmp / _MARKER).write_text(json.dumps(spec, sort_keys=True))
+            os.rename(tmp, root)
     except OSError:
         if not _is_complete(root, spec):  # not a lost race with another writer: a real failure
             raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return root
+
+
+def _write_images(tmp: Path, spec: dict, what: str) -> None:
+    splits = [("train", spec["per_class_train"]), ("val", spec["per_class_val"])]
+    images = spec["num_classes"] * (spec["per_class_train"] + spec["per_class_val"])
+    with Progress(what, total=images, unit="images") as progress:
+        _write_splits(tmp, spec, splits, progress)
+
+
+def _write_splits(tmp: Path, spec: dict, splits, progress: Progress) -> None:
+    for split_index, (split, per_class) in enumerate(splits):
+        for class_index, class_name in enumerate(list(CLASSES)[: spec["num_classes"]]):
+            folder = tmp / split / f"{class_index:02d}_{class_name}"
+            folder.mkdir(parents=True)
+            rng = np.random.default_rng([DEMO_SEED, split_index, class_index])
+            for i in range(per_class):
+                image = render(class_index, spec["img_size"], rng)
+                if i % 2 == 0:
+                    (folder / f"{i:05d}.jpg").write_bytes(tf.io.encode_jpeg(image, quality=90).numpy())
+                else:
+                    (folder / f"{i:05d}.png").write_bytes(tf.io.encode_png(image).numpy())
+            progress.update(per_class)
+
+
+class _Stopped(BaseException):
+    """SIGTERM or SIGINT while the dataset was being written."""
+
+
+@contextlib.contextmanager
+def _removed_when_stopped(tmp: Path):
+    """SIGTERM / Ctrl-C during the generation (thousands of files, minutes on a big demo) removes the
+    temporary folder, says so in one line and exits (128 + the signal's number, as a shell reports it);
+    the next run generates the dataset again. Signals are only caught in the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise _Stopped(signum)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    except _Stopped as e:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the clean-up is short: let it finish
+        shutil.rmtree(tmp, ignore_errors=True)
+        name = signal.Signals(e.args[0]).name
+        print(
+            f"stopped by {name} while generating the demo dataset: its partial copy {tmp} was removed; "
+            "the next run generates it again",
+            file=sys.stderr,
+            flush=True,
+        )
+        raise SystemExit(128 + e.args[0]) from None
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _is_complete(root: Path, spec: dict) -> bool:

@@ -95,6 +95,7 @@ class TrainInput:
         prefetch: int = 2,
         crop_scale: tuple[float, float] = (0.2, 1.0),
         crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        interpolation: str = "bilinear",
         randaugment: str = "",
         random_erasing: float = 0.0,
         max_pixels: int = augment.MAX_IMAGE_PIXELS,
@@ -134,7 +135,13 @@ class TrainInput:
             encoded, label = source.tf_decode(element["fetched"])
             view_seed = tf.stack([tf.constant(seed, tf.int64), element["g"]])
             image = augment.train_transform(
-                encoded, view_seed, img_size, max_pixels, scale=tuple(crop_scale), ratio=tuple(crop_ratio)
+                encoded,
+                view_seed,
+                img_size,
+                max_pixels,
+                scale=tuple(crop_scale),
+                ratio=tuple(crop_ratio),
+                interpolation=interpolation,
             )
             if extra_augment:
                 image = extra_augment(image, tf.random.experimental.stateless_fold_in(view_seed, 2))
@@ -231,6 +238,7 @@ class EvalInput:
         process_index: int = 0,
         process_count: int = 1,
         crop_fraction: float = 0.875,
+        interpolation: str = "bilinear",
         num_parallel: int = AUTOTUNE,
         threads: int = 0,
         prefetch: int = 2,
@@ -246,7 +254,7 @@ class EvalInput:
 
         def load(index):
             encoded, label = source.tf_lookup(index)
-            image = augment.eval_transform(encoded, img_size, crop_fraction, max_pixels)
+            image = augment.eval_transform(encoded, img_size, crop_fraction, max_pixels, interpolation)
             return {"image": image, "label": label, "valid": tf.constant(True)}
 
         padding = tf.data.Dataset.from_tensors(

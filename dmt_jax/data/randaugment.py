@@ -2,8 +2,10 @@
 
 RandAugment follows timm's `rand-m9-mstd0.5-inc1` (MAE / BEiT fine-tuning): `n` ops drawn with
 replacement from timm's 15 "increasing" ops, each applied with probability 0.5, at a magnitude
-drawn per op from N(m, mstd) clipped to [0, 10]. Geometric ops fill with grey (128) where timm fills
-with the ImageNet mean (124, 116, 104). Random erasing (timm's mode 'pixel', one box, area 2-33%,
+drawn per op from N(m, mstd) clipped to [0, 10]. Geometric ops fill with the ImageNet mean in pixels,
+(124, 116, 104), as timm's (`img_mean` of create_transform), and resample bilinearly: timm resamples
+with the recipe's interpolation (bicubic in MAE's), which TF's projective transform does not offer
+(nearest and bilinear only). Random erasing (timm's mode 'pixel', one box, area 2-33%,
 log-uniform aspect 0.3-3.3) fills the box with per-pixel noise of the ImageNet pixel statistics in
 uint8 (timm draws N(0, 1) after normalization; the same noise, rounded to pixels).
 
@@ -18,9 +20,8 @@ import re
 
 import tensorflow as tf
 
-_MEAN = (124.0, 116.0, 104.0)
+_MEAN = (124.0, 116.0, 104.0)  # timm: round(255 * IMAGENET_DEFAULT_MEAN), the fill of geometric ops
 _STD = (58.4, 57.1, 57.4)
-_FILL = 128.0
 
 
 def parse_randaugment(spec: str) -> tuple[int, float, float]:
@@ -144,15 +145,17 @@ def _affine(x, a0, a1, a2, b0, b1, b2):
     a2 = a2 + 0.5 * (a0 + a1) - 0.5
     b2 = b2 + 0.5 * (b0 + b1) - 0.5
     transform = tf.cast(tf.stack([a0, a1, a2, b0, b1, b2, 0.0, 0.0]), tf.float32)[None]
+    # The fill is one number for every channel: transform x - mean with fill 0, then add the mean back
+    # (bilinear sampling is linear, so this is a fill of the mean per channel).
     out = tf.raw_ops.ImageProjectiveTransformV3(
-        images=x[None],
+        images=(x - _MEAN)[None],
         transforms=transform,
         output_shape=tf.shape(x)[:2],
-        fill_value=_FILL,
+        fill_value=0.0,
         interpolation="BILINEAR",
         fill_mode="CONSTANT",
     )
-    return out[0]
+    return out[0] + _MEAN
 
 
 def _rotate(x, m, sign):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from dmt_jax.formats import clip, dino, dinov2, eva02, ibot, mae, mocov3, openclip, sam, siglip
+from dmt_jax.formats import clip, dino, dinov2, eva02, ibot, mae, mocov3, openclip, sam, siglip, timm_vit
 from dmt_jax.formats._base import (
     CONV,
     COPY,
@@ -44,11 +44,12 @@ from dmt_jax.formats.names_vit import (
 # or fc1_g beside q_proj: before the CLIP layouts, whose visual. and visual.trunk. prefixes its towers
 # share), then the CLIP layouts (clip refuses to guess between OpenAI and OpenCLIP where only the
 # activation differs); MAE's full file also has a mask_token (1,1,512), so MAE is asked before DINOv2;
-# a bare backbone with nothing distinctive is read as DINO, asked last.
+# a bare backbone with nothing distinctive is read as DINO. timm's own ViT weights are never detected
+# (timm_vit.py): they come by name (dmt_jax/hub.py) or --format timm.
 DETECTION_ORDER: tuple[str, ...] = (
-    "sam", "siglip", "eva02", "clip", "openclip", "mae", "mocov3", "ibot", "dinov2", "dino"
+    "sam", "siglip", "eva02", "clip", "openclip", "mae", "mocov3", "ibot", "dinov2", "dino", "timm"
 )  # fmt: skip
-_MODULES = (sam, siglip, eva02, clip, openclip, mae, mocov3, ibot, dinov2, dino)
+_MODULES = (sam, siglip, eva02, clip, openclip, mae, mocov3, ibot, dinov2, dino, timm_vit)
 FORMATS: dict[str, CheckpointFormat] = {m.FORMAT.name: m.FORMAT for m in _MODULES}
 assert set(DETECTION_ORDER) == set(FORMATS), "every format is asked, once"
 

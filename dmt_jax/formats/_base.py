@@ -70,6 +70,9 @@ class CheckpointFormat:
     input_resize: str = "bilinear"
     options: tuple[str, ...] = ()  # the conversion options (convert.py's --act, --num-heads) it accepts
     summary: str = ""  # one line for `dmt-convert --help`
+    # ckpt -> why detect()'s yes is only a guess (files of other repositories look the same), '' when the
+    # keys are distinctive: dmt-convert then names --format.
+    guess: Callable[[Mapping], str] | None = None
     inputs_for: Callable[[Any], dict] | None = None  # config -> mean/std/input_resize where they depend on it
 
 
@@ -111,7 +114,7 @@ def swap(name: str, swaps: tuple[tuple[str, str], ...]) -> str:
 
 COPY, LINEAR, CONV = "copy", "linear", "conv"
 # How a tensor's layout changes with its kind (COPY, LINEAR, CONV) between the two conventions; public for
-# tables of names beyond the family tables (the classifier's head in dmt_jax/finetune.py).
+# tables of names beyond the family tables (the classifier's head in dmt_jax/finetune/model.py).
 TO_FLAX = {COPY: lambda a: a, LINEAR: lambda a: a.T, CONV: lambda a: a.transpose(2, 3, 1, 0)}  # OIHW->HWIO
 TO_TIMM = {COPY: lambda a: a, LINEAR: lambda a: a.T, CONV: lambda a: a.transpose(3, 2, 0, 1)}  # HWIO->OIHW
 

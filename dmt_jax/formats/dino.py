@@ -16,6 +16,7 @@ def to_reference(ckpt: Mapping) -> dict:
     return {k: v for k, v in out.items() if not k.startswith("head.")}
 
 
+BARE_BACKBONE = "a bare backbone with nothing distinctive, as DINO publishes; MAE's and iBOT's look the same"
 # A bare backbone state dict with nothing distinctive is read as DINO (iBOT's and MAE's bare encoders are
 # the same tensors; pass --format to record which it is and resize it their way): asked last.
 FORMAT = CheckpointFormat(
@@ -28,4 +29,5 @@ FORMAT = CheckpointFormat(
     to_flax=to_flax,
     resize=pos_embed_resizer(lambda c: "bicubic_scale_offset_0.1"),  # interpolate_pos_encoding
     summary="DINO (dino_vit*_pretrain.pth, the full training file)",
+    guess=lambda c: "" if "teacher" in c else BARE_BACKBONE,
 )

@@ -24,6 +24,23 @@ def to_reference(ckpt: Mapping) -> dict:
     return out
 
 
+def guess(ckpt: Mapping) -> str:
+    """A {'state_dict': ...} file with no iBOT marker (a student's masked_embed, LayerScale named gamma_N,
+    the patch head's last_layer2) is only a guess: other repositories save that layout too."""
+    inner = ckpt.get("state_dict")
+    names = (
+        [strip(k, "module.", "backbone.") for k in inner if isinstance(k, str)]
+        if isinstance(inner, Mapping)
+        else []
+    )
+    marked = "ibot_loss" in ckpt or any(
+        n == "masked_embed" or n.endswith((".gamma_1", ".gamma_2")) or "last_layer2" in n for n in names
+    )
+    if marked or "state_dict" not in ckpt:
+        return ""
+    return "a bare {'state_dict': ...} file, as iBOT's checkpoint_teacher.pth; other repositories save it too"
+
+
 def detect(ckpt: Mapping) -> bool:
     return any(k in ckpt for k in ("state_dict", "ibot_loss", "masked_embed")) or "blocks.0.gamma_1" in ckpt
 
@@ -38,4 +55,5 @@ FORMAT = CheckpointFormat(
     to_flax=to_flax,
     resize=pos_embed_resizer(lambda c: "bicubic_scale_offset_0.1"),  # DINO's interpolate_pos_encoding
     summary="iBOT (checkpoint_teacher.pth)",
+    guess=guess,
 )

@@ -44,7 +44,8 @@ class TeacherTarget:
     summary_dim: int | None  # None: no summary target (a teacher without one, as SAM, or not wanted)
     dense_dim: int | None  # None: no dense target
     grid: tuple[int, int]  # the teacher's patch grid (rows, columns)
-    norm: str = "none"  # normalize.KINDS
+    norm: str = "none"  # of the dense targets: normalize.KINDS
+    summary_norm: str = "none"  # of the summary target
     summary_head: str = "mlp_v2"  # heads.KINDS
     dense_head: str = "mlp_v2"
     summary_weight: float = 1.0
@@ -64,6 +65,7 @@ class Options:
     momentum: tuple[float, float] = (1.0, 0.001)  # standardize's EMA momentum, start -> end (cosine)
     phi_s_steps: int = 100
     total_steps: int = 1
+    sum_rows: Any = None  # how statistics sum over the global batch (normalize.normalize)
 
 
 def sorted_teachers(teachers) -> tuple[TeacherTarget, ...]:
@@ -119,7 +121,7 @@ def init_stats(teachers) -> dict:
     out = {}
     for t in sorted_teachers(teachers):
         one = {}
-        if t.summary_dim and (s := normalize.init_stats(t.norm, t.summary_dim)):
+        if t.summary_dim and (s := normalize.init_stats(t.summary_norm, t.summary_dim)):
             one["summary"] = s
         if t.dense_dim and (s := normalize.init_stats(t.norm, t.dense_dim)):
             one["dense"] = s
@@ -142,14 +144,15 @@ def make_targets(
     without gradient. Dense targets are on the teacher's grid, or on the student's (at its visible
     patches `keep` [B, n]) when the teacher's features go to the student's grid."""
     momentum = normalize.momentum_at(step, options.total_steps, options.momentum)
-    kw = dict(eps=options.norm_eps, momentum=momentum, phi_s_steps=options.phi_s_steps, update=update)
+    kw = dict(eps=options.norm_eps, momentum=momentum, phi_s_steps=options.phi_s_steps, update=update,
+              sum_rows=options.sum_rows)  # fmt: skip
     targets, new_stats = {}, {}
     for t in sorted_teachers(teachers):
         f, s, one = features[t.name], dict(stats.get(t.name, {})), {}
         if t.summary_dim:
             if f.summary is None:
                 raise ValueError(f"teacher {t.name!r} has no summary: give it no summary target")
-            one["summary"], s_new = normalize.normalize(t.norm, f.summary, s.get("summary", {}), **kw)
+            one["summary"], s_new = normalize.normalize(t.summary_norm, f.summary, s.get("summary", {}), **kw)
             if s_new:
                 s["summary"] = s_new
         if t.dense_dim:
@@ -213,19 +216,6 @@ def _batch(parts: dict) -> int:
     return next(v.shape[0] for one in parts.values() for v in one.values())
 
 
-def features_from_tokens(tokens, num_reg_tokens: int) -> Features:
-    """Today's ViT teacher output [B, 1 + R + N, D] (CLS, registers, patches) -> Features with the CLS
-    token as the summary: the adapter until every family returns Features itself."""
-    prefix = 1 + num_reg_tokens
-    return Features(prefix=tokens[:, :prefix], patches=tokens[:, prefix:], summary=tokens[:, 0])
-
-
 def stack_features(stack, names, params, pixels) -> dict[str, Features]:
-    """The teachers' Features by name. A stack with `features` (the teacher families') gives them itself;
-    today's ViT stack gives its tokens, turned into Features here (the CLS token as the summary)."""
-    if hasattr(stack, "features"):
-        features = stack.features(params, pixels)
-    else:
-        tokens = stack.apply(params, pixels)
-        features = [features_from_tokens(t, r) for t, r in zip(tokens, stack.num_reg_tokens, strict=True)]
-    return dict(zip(names, features, strict=True))
+    """The teachers' Features (TeacherStack.features: each at its own resolution and input rule), by name."""
+    return dict(zip(names, stack.features(params, pixels), strict=True))

@@ -61,9 +61,13 @@ def momentum_at(step, total_steps: int, momentum: tuple[float, float]) -> jax.Ar
 
 
 def normalize(kind: str, x, stats: dict, *, eps: float = 1e-6, momentum=0.0, phi_s_steps: int = 0,
-              update: bool = True) -> tuple[jax.Array, dict]:  # fmt: skip
+              update: bool = True, sum_rows=None) -> tuple[jax.Array, dict]:  # fmt: skip
     """x [..., D] -> (normalized float32 x, new stats). Statistics are taken over every leading axis
-    (images, tokens) of the global batch. update=False (evaluation) applies the stats as they are."""
+    (images, tokens) of the global batch. update=False (evaluation) applies the stats as they are.
+    sum_rows: `sum_rows(x, rows_sum)` sums x [M, ...] over its rows, rows_sum(a) being the sum of some
+    rows a (default: rows_sum(x); in the train step parallel.ordered_batch_sum, the same bits on any
+    process layout)."""
+    sum_rows = sum_rows or _plain_sum
     x = jax.lax.stop_gradient(x.astype(jnp.float32))
     if kind == "none":
         return x, stats
@@ -73,8 +77,8 @@ def normalize(kind: str, x, stats: dict, *, eps: float = 1e-6, momentum=0.0, phi
     if kind == "standardize":
         if update:
             m = jnp.asarray(momentum, jnp.float32)
-            batch_mean = flat.mean(0)
-            batch_std = jnp.sqrt(jnp.square(flat - batch_mean).sum(0) / max(flat.shape[0] - 1, 1)) + eps
+            batch_mean = sum_rows(flat) / flat.shape[0]
+            batch_std = jnp.sqrt(sum_rows(jnp.square(flat - batch_mean)) / max(flat.shape[0] - 1, 1)) + eps
             stats = {
                 "mean": (1 - m) * stats["mean"] + m * batch_mean,
                 "std": (1 - m) * stats["std"] + m * batch_std,
@@ -83,7 +87,10 @@ def normalize(kind: str, x, stats: dict, *, eps: float = 1e-6, momentum=0.0, phi
     if kind == "phi_s":
         if update:
             stats = jax.lax.cond(
-                stats["steps"] < phi_s_steps, lambda s: phi_s_update(s, flat), lambda s: dict(s), stats
+                stats["steps"] < phi_s_steps,
+                lambda s: phi_s_update(s, flat, sum_rows),
+                lambda s: dict(s),
+                stats,
             )
         return apply_phi_s(x, stats), stats
     raise ValueError(f"normalization must be one of {', '.join(KINDS)}, got {kind!r}")
@@ -93,12 +100,20 @@ def apply_phi_s(x, stats: dict):
     return jnp.einsum("...d,ed->...e", x - stats["mean"], stats["transform"], precision=HIGHEST)
 
 
-def phi_s_update(stats: dict, flat) -> dict:
+def _plain_sum(x, rows_sum=lambda a: a.sum(0)):
+    return rows_sum(x)
+
+
+def _outer_sum(a):
+    return jnp.einsum("md,me->de", a, a, precision=HIGHEST)
+
+
+def phi_s_update(stats: dict, flat, sum_rows=None) -> dict:
     """Pools a batch [M, D] into (count, mean, m2) and recomputes the transform from the pooled estimate."""
+    sum_rows = sum_rows or _plain_sum
     n_b = jnp.asarray(flat.shape[0], jnp.float32)
-    mean_b = flat.mean(0)
-    dev = flat - mean_b
-    m2_b = jnp.einsum("md,me->de", dev, dev, precision=HIGHEST)
+    mean_b = sum_rows(flat) / flat.shape[0]
+    m2_b = sum_rows(flat - mean_b, _outer_sum)
     n = stats["count"]
     total = n + n_b
     delta = mean_b - stats["mean"]

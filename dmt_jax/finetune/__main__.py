@@ -1,0 +1,6 @@
+"""`python -m dmt_jax.finetune --config=RECIPE --workdir=DIR [--config.FIELD=VALUE ...]`."""
+
+from dmt_jax.finetune.cli import run
+
+if __name__ == "__main__":
+    run()
