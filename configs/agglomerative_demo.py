@@ -1,10 +1,11 @@
 """Agglomerative demo: one student from teachers of four kinds, no downloads, a few minutes on 2 CPU cores.
 
-Small teachers of three families, each trained in process from its own seed on the demo's generated
+Small teachers of four families, each trained in process from its own seed on the demo's generated
 dataset (dmt_jax/demo_teachers.py, `demo:FAMILY:VARIANT@PX:SEED`; cached beside the dataset for later
 runs): a CLIP-like ViT (ln_pre, QuickGELU, a projection: its summary is the projected CLS), a
-SigLIP-like ViT without CLS whose summary is its MAP head's output, and an EVA-like model (RoPE,
-SwiGLU). A tiny /4 student that never sees a label learns them all at once, RADIO/UNIC style: one
+SigLIP-like ViT without CLS whose summary is its MAP head's output, an EVA-like model (RoPE, SwiGLU)
+and a SAM-like windowed encoder at twice the student's resolution (no summary: dense targets only).
+A tiny /4 student that never sees a label learns them all at once, RADIO/UNIC style: one
 summary token per teacher with a summary head (cosine loss on the teacher's summary) and a dense
 head per teacher on its patch tokens, compared on the teacher's own grid (0.9 cosine + 0.1
 smooth-L1). Each evaluation prints, per teacher, the cosine of the student's summary and dense
