@@ -267,9 +267,17 @@ def launch(args_list, processes: int, devices: int, env):
 
 
 def finish(runs, timeout: float):
-    rcs = [r.finish(timeout=timeout) for r in runs]
-    if any(rcs):
-        raise SystemExit("a run failed:\n" + "\n----\n".join(r.output[-3000:] for r in runs))
+    """Waits for every run; one that fails or hangs ends them all and shows what each said last."""
+    deadline = time.monotonic() + timeout
+    try:
+        rcs = [r.finish(timeout=max(1.0, deadline - time.monotonic())) for r in runs]
+    except AssertionError:  # a run did not end in time
+        rcs = None
+    if rcs is None or any(rcs):
+        for r in runs:
+            r.kill()
+        said = "\n----\n".join(f"process {i}:\n{r.output[-3000:]}" for i, r in enumerate(runs))
+        raise SystemExit(f"a run failed or did not end within {timeout:.0f} s:\n{said}")
     return rcs
 
 
@@ -372,7 +380,10 @@ def resume_part(args, rows, bucket, tmp: Path, env):
     workdir = f"{bucket}/resume"
     common = dict(mesh__data=-1)
     runs = launch(pod_args(args, bucket, workdir, demo, **common), 4, 2, env)
-    runs[0].wait_for(rf"^step {args.steps // 2 - 1}/", timeout=args.timeout)
+    try:
+        runs[0].wait_for(rf"^step {args.steps // 2 - 1}/", timeout=args.timeout)
+    except AssertionError:
+        finish(runs, 0)  # ends them all, shows what each said
     runs[2].send(signal.SIGTERM)  # one process is told; the others learn it from JAX's service
     finish(runs, args.timeout)
     stops = [re.search(r"stop requested: checkpoint at step (\d+)", r.output) for r in runs]

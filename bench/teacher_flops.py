@@ -5,14 +5,14 @@
 The figures the agglomerative recipes are sized from. Nothing is run or allocated: the forward
 (`Teacher.forward`'s model: tokens and summary) is lowered with abstract float32 parameters and
 compiled for this machine's backend, whose cost analysis counts the FLOPs (2 per multiply-add). The
-analytic `flops.vit_flops` (encoder only, no stem bias, no head; SAM: `sam_flops`) is printed beside it.
+analytic `flops.forward_flops` (each family's matrix products, summary head included; what the
+training step's MFU counts) is printed beside it; `--analytic` prints it alone, without compiling.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -44,21 +44,7 @@ TEACHERS = {
 }
 
 
-def sam_flops(c: SamConfig) -> float:
-    """SAM's encoder by hand: linear layers over the grid, attention in padded windows or over the grid
-    (with the relative-position einsums), patch stem and neck; 2 FLOPs per multiply-add."""
-    tokens, windows = c.grid**2, math.ceil(c.grid / c.window_size) ** 2  # padded windows
-    total = c.depth * 2 * tokens * (4 * c.embed_dim**2 + 2 * c.embed_dim * c.mlp_dim)
-    for i in range(c.depth):
-        side = c.attn_size(i)
-        groups, t = (1, tokens) if i in c.global_attn_indexes else (windows, side**2)
-        total += groups * (4 * t * t * c.embed_dim + 2 * t * c.embed_dim * 2 * side)
-    total += 2 * tokens * 3 * c.patch_size**2 * c.embed_dim  # patch stem
-    total += 2 * tokens * c.out_chans * (c.embed_dim + 9 * c.out_chans)  # neck: 1x1 and 3x3 convs
-    return float(total)
-
-
-def forward_flops(family: str, config) -> float:
+def xla_forward_flops(family: str, config) -> float:
     model = build_model(family, config, dtype=jnp.float32, attention="xla")
     images = jax.ShapeDtypeStruct((1, config.img_size, config.img_size, 3), jnp.float32)
     params = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x), images)["params"]
@@ -71,19 +57,15 @@ def forward_flops(family: str, config) -> float:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("names", nargs="*", default=list(TEACHERS), help=f"default: {' '.join(TEACHERS)}")
+    parser.add_argument("--analytic", action="store_true", help="the analytic count only (no compile)")
     args = parser.parse_args(argv)
     for name in args.names:
         family, config = TEACHERS[name]
-        xla = forward_flops(family, config)
-        if family == "sam":
-            analytic = sam_flops(config)
-        else:  # EVA's SwiGLU has three mlp_dim x width matrices: a GELU MLP 1.5 x mlp_dim wide in FLOPs.
-            mlp_dim = config.mlp_dim * 3 // 2 if family == "eva" else config.mlp_dim
-            extra_token = not getattr(config, "class_token", True)
-            analytic = flops.vit_flops(config.width, config.depth, config.num_tokens + extra_token,
-                                       config.patch_size, mlp_dim)  # fmt: skip
+        xla = None if args.analytic else xla_forward_flops(family, config)
+        analytic = flops.forward_flops(family, config)
         row = dict(teacher=name, family=family, img_size=config.img_size, tokens=config.num_tokens,
-                   gflops_per_image=round(xla / 1e9, 2), analytic_encoder_gflops=round(analytic / 1e9, 2),
+                   gflops_per_image=None if xla is None else round(xla / 1e9, 2),
+                   analytic_gflops=round(analytic / 1e9, 2),
                    backend=jax.default_backend(), jax=jax.__version__)  # fmt: skip
         print(json.dumps(row), flush=True)
 

@@ -397,6 +397,13 @@ BASE_SCHEMA = {
                 ),
                 "summary_weight": Field(1.0, "weight of this teacher's summary loss", non_negative),
                 "dense_weight": Field(1.0, "weight of this teacher's dense loss", non_negative),
+                "follow_stages": Field(
+                    False,
+                    "run the teacher at the student's size of each stage (img_size without stages), cut to "
+                    "a multiple of its patch size, its position tables resized in the step as its own code "
+                    "resizes them; False: at its converted size throughout",
+                    boolean,
+                ),
             },
         ),
     },

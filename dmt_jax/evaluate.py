@@ -71,7 +71,7 @@ def agglomerative_alignment(setup, state, teacher_params, pixels, images, keep):
     keep = keep if cfg.mask_ratio > 0 else None
     grid = cfg.img_size // setup.student.encoder.patch_size
     names = train.teacher_names(cfg)
-    features = agg.stack_features(setup.stack, names, teacher_params, pixels)
+    features = agg.stack_features(setup.stack, names, teacher_params, pixels, px=cfg.img_size)
     options = train.agglomerative_options(cfg, setup.steps)
     targets, _ = agg.make_targets(
         specs, features, state.stats, options, student_grid=(grid, grid), keep=keep, update=False

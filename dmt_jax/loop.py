@@ -168,13 +168,7 @@ def _train_steps(run, setup, state, train_input, ids_file, workdir) -> dict[str,
     if config.export_at_end:
         from dmt_jax import export
 
-        path = os.path.join(workdir, "student_timm.safetensors")
-        encoder = parallel.to_host(state.params["encoder"])  # every process: shards may span hosts
-        if jax.process_index() == 0:
-            heads = setup.student.encoder.num_heads
-            cfg = export.timm_pretrained_cfg(config.img_size, crop_pct=config.data.eval_crop_fraction)
-            export.export_timm(encoder, path, num_heads=heads, overwrite=True, pretrained_cfg=cfg)
-            print(f"student exported for timm/PyTorch: {path}", flush=True)
+        export.export_run(setup, state, workdir)
     return final
 
 

@@ -156,6 +156,8 @@ def place_from_host(tree, shardings):
     """
 
     def one(x, sharding):
+        if isinstance(x, jax.ShapeDtypeStruct):  # abstract (a benchmark lowering without weights)
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
         return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
     return jax.tree.map(one, tree, shardings)

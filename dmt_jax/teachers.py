@@ -25,7 +25,7 @@ import numpy as np
 
 from dmt_jax import storage
 from dmt_jax.errors import UserError
-from dmt_jax.models import FAMILIES, Features, ViT, ViTConfig, build_model, family_config
+from dmt_jax.models import FAMILIES, Features, ViT, ViTConfig, build_model, family_config, resize
 from dmt_jax.models.family import IMAGENET_MEAN, IMAGENET_STD
 from dmt_jax.models.vit import num_heads_for_width, variant_name  # noqa: F401  (their home before models/)
 
@@ -417,6 +417,9 @@ def fingerprint(teacher: Teacher) -> str:
     digest = hashlib.sha256()
     digest.update(json.dumps(teacher.spec.fingerprint_fields(), sort_keys=True).encode())
     for name, value in sorted(flatten_params(teacher.params).items()):
+        if isinstance(value, jax.ShapeDtypeStruct):  # an abstract teacher (no weights): its shapes
+            digest.update(f"{name}{value.shape} abstract".encode())
+            continue
         array = np.ascontiguousarray(np.asarray(value, np.float32))
         digest.update(f"{name}{array.shape}".encode())
         digest.update(array.tobytes())
@@ -577,6 +580,7 @@ class _Group:
     spec: TeacherSpec  # the first member's (family, config, input_resize are the group's)
     pixel_mean: np.ndarray  # [G, 3], on the 0..255 scale
     pixel_std: np.ndarray  # [G, 3]
+    follow: str | None = None  # the interpolation of its tables when it follows the student's size
 
 
 class TeacherStack:
@@ -587,18 +591,35 @@ class TeacherStack:
     matmul; different families and sizes run one after another. `stack.params` is that stacked tree on
     the host (numpy): place it on the devices, pass it into the jitted step and call
     `stack.apply(params, pixels, keep)` (the DMT objective's tokens) or `stack.features(params, pixels)`
-    (each teacher's Features at its own resolution and normalization) inside it.
+    (each teacher's Features at its own resolution and normalization) inside it. A teacher built to
+    `follow` the student runs at the student's size given to `features(params, pixels, px)` instead, in
+    a group of its own (its tables are resized in the step; one compile per px).
     """
 
-    def __init__(self, teachers: Sequence[Teacher], dtype: Any = jnp.bfloat16, attention: str = "auto"):
+    def __init__(
+        self,
+        teachers: Sequence[Teacher],
+        dtype: Any = jnp.bfloat16,
+        attention: str = "auto",
+        follow: Sequence[str | None] | None = None,
+    ):
+        """follow: per teacher, None (it runs at its own img_size) or the interpolation (a
+        models.resize method) its position tables are resized with when `features` is given the
+        student's input size: it then runs at that size (`follow_size`)."""
         if not teachers:
             raise ValueError("a TeacherStack needs at least one teacher")
         self.specs = tuple(t.spec for t in teachers)
         self.dtype = jnp.dtype(dtype)
         self.attention = attention
+        self.follow = tuple(follow) if follow is not None else (None,) * len(self.specs)
+        if len(self.follow) != len(self.specs):
+            raise ValueError(f"follow has {len(self.follow)} entries for {len(self.specs)} teachers")
+        for spec, method in zip(self.specs, self.follow, strict=True):
+            if method is not None and (why := resize.check_method(spec.family, method)):
+                raise ValueError(why)
         by_arch: dict[tuple, list[int]] = {}
         for i, spec in enumerate(self.specs):
-            by_arch.setdefault((*spec.architecture, spec.input_resize), []).append(i)
+            by_arch.setdefault((*spec.architecture, spec.input_resize, self.follow[i]), []).append(i)
         self._groups = []
         params = []
         for members in by_arch.values():
@@ -608,13 +629,19 @@ class TeacherStack:
                     spec=self.specs[members[0]],
                     pixel_mean=np.array([self.specs[i].mean for i in members], np.float32) * 255.0,
                     pixel_std=np.array([self.specs[i].std for i in members], np.float32) * 255.0,
+                    follow=self.follow[members[0]],
                 )
             )
             # Stack on the host, cast once; the stack keeps no device copy: train.build places these
             # shard by shard on the mesh (parallel.place_from_host) and then drops them.
-            trees = [jax.tree.map(np.asarray, teachers[i].params) for i in members]
-            params.append(jax.tree.map(lambda *xs: np.stack(xs).astype(self.dtype), *trees))
+            trees = [jax.tree.map(_host_or_abstract, teachers[i].params) for i in members]
+            params.append(jax.tree.map(self._stack, *trees))
         self.params = tuple(params)
+
+    def _stack(self, *leaves):
+        if isinstance(leaves[0], jax.ShapeDtypeStruct):  # abstract teachers: shapes only (bench/)
+            return jax.ShapeDtypeStruct((len(leaves), *leaves[0].shape), self.dtype)
+        return np.stack(leaves).astype(self.dtype)
 
     @property
     def widths(self) -> list[int]:
@@ -644,8 +671,9 @@ class TeacherStack:
 
         keep: optional int [B, n] patch indices (the student's visible patches). Each teacher then
         returns only CLS and those patches, [B, 1 + n, D_k] (registers dropped; a teacher without a
-        CLS token, as SigLIP, returns the patches alone), and a ViT's last block runs its queries, MLP
-        and final norm only there: the same values, fewer FLOPs."""
+        CLS token, as SigLIP, returns the patches alone), and a ViT's or an EVA's last block runs its
+        queries, MLP and final norm only there: the same values, fewer FLOPs (SAM's neck mixes
+        neighbouring patches: it runs whole, then the patches are picked)."""
         pixels = jnp.asarray(pixels).astype(jnp.float32)
         outputs: list[jax.Array | None] = [None] * len(self.specs)
         for group, group_params in zip(self._groups, params, strict=True):
@@ -657,6 +685,11 @@ class TeacherStack:
             if group.spec.family == "vit":
                 model = group.spec.model(dtype=self.dtype, attention=self.attention)
                 run = lambda p, images, model=model: model.apply({"params": p}, images, output_patches=keep)
+            elif group.spec.family == "eva":  # its last block, too, only at the prefix and visible patches
+                model = group.spec.features_model(dtype=self.dtype, attention=self.attention)
+                run = lambda p, images, model=model: _select(
+                    model.apply({"params": p}, images, output_patches=keep), keep, gathered=True
+                )
             else:
                 model = group.spec.features_model(dtype=self.dtype, attention=self.attention)
                 run = lambda p, images, model=model: _select(model.apply({"params": p}, images), keep)
@@ -671,17 +704,35 @@ class TeacherStack:
                 outputs[i] = jax.lax.stop_gradient(tokens[j])
         return outputs
 
-    def features(self, params, pixels) -> list[Features]:
+    def img_sizes(self, px: int | None = None) -> list[int]:
+        """Per teacher the input size `features(..., px)` runs it at."""
+        pairs = zip(self.specs, self.follow, strict=True)
+        return [follow_size(spec, px) if method and px else spec.img_size for spec, method in pairs]
+
+    def grids_at(self, px: int | None = None) -> list[int]:
+        """Per teacher its patch grid (per side) at `features(..., px)` (`grids`: at their own sizes)."""
+        return [size // s.patch_size for s, size in zip(self.specs, self.img_sizes(px), strict=True)]
+
+    def features(self, params, pixels, px: int | None = None) -> list[Features]:
         """pixels: uint8 or float [B, H, W, 3] in 0..255 (one view for all) -> per teacher (in the order
         given) its Features (prefix, patches, summary) at its own img_size, resize rule, mean and std,
-        in `dtype`, under stop_gradient. The summary is None for a family without one."""
+        in `dtype`, under stop_gradient. The summary is None for a family without one.
+
+        px: the student's input size (a resolution stage). A teacher that follows the stages then runs at
+        `follow_size(spec, px)` instead, its position tables resized to that grid inside this call
+        (models/resize.py, with its `follow` interpolation; EVA's rotary angles from the new grid)."""
         outputs: list[Features | None] = [None] * len(self.specs)
         for group, group_params in zip(self._groups, params, strict=True):
-            spec = group.spec
-            model = spec.features_model(dtype=self.dtype, attention=self.attention)
+            spec, config = group.spec, group.spec.config
+            img_size = follow_size(spec, px) if group.follow and px else spec.img_size
+            if img_size != spec.img_size:
+                config = dataclasses.replace(config, img_size=img_size)
+            model = build_model(spec.family, config, self.dtype, self.attention)
 
-            def run(p, mean, std, model=model, spec=spec):
-                images = prepare_images(pixels, spec.img_size, spec.input_resize, mean, std, self.dtype)
+            def run(p, mean, std, model=model, spec=spec, img_size=img_size, method=group.follow):
+                if img_size != spec.img_size:
+                    _, p = resize.at_size(spec.family, spec.config, p, img_size, method)
+                images = prepare_images(pixels, img_size, spec.input_resize, mean, std, self.dtype)
                 return model.apply({"params": p}, images)
 
             out = jax.vmap(run)(group_params, group.pixel_mean, group.pixel_std)
@@ -690,10 +741,30 @@ class TeacherStack:
         return outputs
 
 
-def _select(features: Features, keep) -> jax.Array:
+def _host_or_abstract(x):
+    """A parameter on the host, or its ShapeDtypeStruct as it is: a teacher of the right shapes without
+    weights lowers and compiles the training step (bench/recipe_memory.py), nothing allocated."""
+    return x if isinstance(x, jax.ShapeDtypeStruct) else np.asarray(x)
+
+
+def follow_size(spec: TeacherSpec, px: int) -> int:
+    """The input size of a teacher following a student at px: the largest multiple of its own patch
+    size not above px (DINOv2 /14 beside a /16 student at 256 px: 252, an 18 x 18 grid)."""
+    size = px // spec.patch_size * spec.patch_size
+    if size <= 0:
+        raise UserError(
+            f"a {spec.format} teacher ({spec.variant}) cannot follow the student at {px} px: below its "
+            f"patch size {spec.patch_size}"
+        )
+    return size
+
+
+def _select(features: Features, keep, gathered: bool = False) -> jax.Array:
     """A non-ViT family's tokens for the DMT path: all of them, or the first prefix token (if any) and
-    the patches in `keep`."""
+    the patches in `keep` (gathered: `patches` holds only those already, as Eva's output_patches)."""
     if keep is None:
         return features.tokens()
-    patches = jnp.take_along_axis(features.patches, keep[:, :, None], axis=1)
+    patches = (
+        features.patches if gathered else jnp.take_along_axis(features.patches, keep[:, :, None], axis=1)
+    )
     return jnp.concatenate([features.prefix[:, :1], patches], axis=1)

@@ -249,8 +249,24 @@ class Setup:
     def num_patches(self) -> int:
         return (self.config.img_size // self.student.encoder.patch_size) ** 2
 
-    def flops_per_image(self) -> float:
-        """Model FLOPs of one step per image (the count bench/torch_reference.py uses)."""
+    def flops_per_image(self, step: int | None = None) -> float:
+        """Model FLOPs of one step per image (flops.py; what the progress line's MFU divides by).
+
+        DMT: the count bench/torch_reference.py uses. Agglomerative: each teacher's forward at its input
+        size with its family's own count, the view resized to it, the student (its summary tokens among
+        the prefix) and its heads 3x, the grids' resampling and PHI-S; at the resolution stage of `step`,
+        or, without a step, averaged over the run's stages by their numbers of steps."""
+        if self.targets is not None:
+            stages = stage_sizes(self.config) or ((0, self.config.img_size),)
+            if step is not None:
+                return self.agglomerative_flops([px for start, px in stages if start <= step][-1])
+            ends = [start for start, _ in stages[1:]] + [self.steps]
+            lengths = [
+                max(min(end, self.steps) - start, 0) for (start, _), end in zip(stages, ends, strict=True)
+            ]
+            counts = [self.agglomerative_flops(px) for _, px in stages]
+            weighted = sum(n * f for n, f in zip(lengths, counts, strict=True))
+            return weighted / sum(lengths) if sum(lengths) else counts[0]
         enc = self.student.encoder
         student = dict(width=enc.width, depth=enc.depth, patch_size=enc.patch_size, mlp_dim=enc.mlp_dim)
         teachers = [
@@ -261,10 +277,49 @@ class Setup:
                 mlp_dim=spec.mlp_dim,
                 tokens=spec.num_tokens,
             )  # fmt: skip
+            if spec.family == "vit"
+            else dict(flops=flops.forward_flops(spec.family, spec.config))
             for spec in self.stack.specs
         ]
         visible = objective.num_visible(self.num_patches, self.config.mask_ratio)
         return flops.step_flops(student, teachers, visible, self.stack.widths, enc.width)
+
+    def agglomerative_flops(self, px: int) -> float:
+        """Per image, the agglomerative step with the student at px (flops.py counts matrix products)."""
+        cfg, enc, stack = self.config, self.student.encoder, self.stack
+        grid = px // enc.patch_size
+        patches = grid * grid
+        visible = objective.num_visible(patches, cfg.mask_ratio) if cfg.mask_ratio > 0 else patches
+        view = (self.view_size, self.view_size)
+        total = 0.0
+        for spec, size in zip(stack.specs, stack.img_sizes(px), strict=True):  # frozen: forward only
+            config = spec.config if size == spec.img_size else dataclasses.replace(spec.config, img_size=size)
+            total += flops.image_resize_flops(view, (size, size)) + flops.forward_flops(spec.family, config)
+        # The student: the stem over every patch (forward, weight gradient), the blocks over its prefix
+        # (CLS, one summary token per teacher, registers) and visible patches (forward and backward: 3x).
+        w = enc.width
+        blocks = enc.depth * flops.block_flops(
+            enc.num_prefix_tokens + visible, w, 2 * w * w + 2 * w * enc.mlp_dim
+        )
+        total += flops.image_resize_flops(view, (px, px)) + 2 * flops.stem_flops(patches, enc.patch_size, w)
+        total += 3 * blocks
+        a = cfg.agglomerative
+        head = dict(hidden=a.head_hidden_dim if a.head_hidden_dim > 0 else w, num_inner=a.head_num_inner,
+                    mlp_ratio=cfg.head_mlp_ratio)  # fmt: skip
+        for t in stage_targets(self.targets, stack, teacher_names(cfg), px):
+            if t.summary_dim:
+                total += 3 * flops.head_flops(t.summary_head, w, t.summary_dim, **head)
+                total += 2 * t.summary_dim**2 if t.summary_norm == "phi_s" else 0
+            if t.dense_dim:
+                total += 3 * visible * flops.head_flops(t.dense_head, w, t.dense_dim, **head)
+                total += 2 * t.grid[0] * t.grid[1] * t.dense_dim**2 if t.norm == "phi_s" else 0
+                if (
+                    cfg.mask_ratio > 0 or a.resample == "teacher_to_student"
+                ):  # the targets, to the student's grid
+                    total += flops.resample_flops(t.grid, (grid, grid), t.dense_dim)
+                else:  # the student's adapted features, to the teacher's grid (forward and backward)
+                    total += 2 * flops.resample_flops((grid, grid), t.grid, t.dense_dim)
+        return float(total)
 
 
 def build(config, mesh, num_train_examples: int | None = None, teachers=None) -> Setup:
@@ -282,7 +337,12 @@ def build(config, mesh, num_train_examples: int | None = None, teachers=None) ->
             f"teachers {pairs} of --config.teachers have the same weights (copies of one teacher): it would "
             "silently weigh double; give it once, or pass --config.allow_duplicate_teachers=True"
         )
-    stack = TeacherStack(teachers, dtype=jnp.dtype(config.teacher_dtype), attention=config.attention)
+    stack = TeacherStack(
+        teachers,
+        dtype=jnp.dtype(config.teacher_dtype),
+        attention=config.attention,
+        follow=follow_methods(config, teachers) if aggl else None,
+    )
     specs = teacher_targets(config, stack) if aggl else None
     student = build_agglomerative_student(config, specs) if aggl else build_student(config, stack.widths)
     steps = total_steps(config, num_train_examples)
@@ -317,6 +377,7 @@ def build(config, mesh, num_train_examples: int | None = None, teachers=None) ->
         grid = px // student_patch
         num_patches = grid * grid
         model = student if px == config.img_size else student_at(student, px)
+        stage_specs = stage_targets(specs, stack, names, px) if aggl else None
 
         def step_fn(state: TrainState, teacher_params, batch):
             rng = jax.random.fold_in(state.rng, state.step)
@@ -346,9 +407,9 @@ def build(config, mesh, num_train_examples: int | None = None, teachers=None) ->
 
             else:  # agglomerative: each teacher on its own grid, targets keyed by name
                 keep = keep if config.mask_ratio > 0 else None
-                features = agg.stack_features(stack, names, teacher_params, pixels)
+                features = agg.stack_features(stack, names, teacher_params, pixels, px=px)
                 goal, stats = agg.make_targets(
-                    specs,
+                    stage_specs,
                     features,
                     state.stats,
                     options,
@@ -367,7 +428,7 @@ def build(config, mesh, num_train_examples: int | None = None, teachers=None) ->
 
                 def loss_of(preds):
                     return agg.objective_loss(
-                        specs, preds, goal, r_teachers, options, student_grid=(grid, grid), keep=keep
+                        stage_specs, preds, goal, r_teachers, options, student_grid=(grid, grid), keep=keep
                     )
 
             def loss_fn(params):
@@ -441,8 +502,9 @@ def teacher_names(config) -> list[str]:
 
 
 def teacher_targets(config, stack) -> tuple[agg.TeacherTarget, ...]:
-    """Per teacher (by name): its target widths and grid, read off the shapes of its features at its own
-    resolution, and its options (config.agglomerative.per_teacher, defaults for a teacher absent there)."""
+    """Per teacher (by name): its target widths, read off the shapes of its features, its grid (at the
+    student's img_size for a teacher that follows the stages: `stage_targets` gives each stage's), and its
+    options (config.agglomerative.per_teacher, defaults for a teacher absent there)."""
     names = teacher_names(config)
     if None in names:
         raise UserError("an agglomerative run names every teacher: --config.teachers=\"('clip=DIR', ...)\"")
@@ -450,7 +512,7 @@ def teacher_targets(config, stack) -> tuple[agg.TeacherTarget, ...]:
     shapes = jax.eval_shape(lambda p, x: agg.stack_features(stack, names, p, x), stack.params, pixels)
     blocks = config.agglomerative.per_teacher
     out = []
-    for name, spec in zip(names, stack.specs, strict=True):
+    for name, grid in zip(names, stack.grids_at(config.img_size), strict=True):
         o = config_entry(blocks, name, BLOCK_FIELDS)
         f = shapes[name]
         summary = o.summary_head != "none" and f.summary is not None
@@ -469,7 +531,7 @@ def teacher_targets(config, stack) -> tuple[agg.TeacherTarget, ...]:
                 name=name,
                 summary_dim=int(f.summary.shape[-1]) if summary else None,
                 dense_dim=int(f.patches.shape[-1]) if o.dense_head != "none" else None,
-                grid=(spec.grid, spec.grid),
+                grid=(grid, grid),
                 norm=o.norm,
                 summary_norm=o.summary_norm,
                 summary_head=o.summary_head,
@@ -483,6 +545,30 @@ def teacher_targets(config, stack) -> tuple[agg.TeacherTarget, ...]:
 
 def stack_sizes(stack) -> list[int]:
     return [spec.img_size for spec in stack.specs]
+
+
+def follow_methods(config, teachers) -> list[str | None]:
+    """Per teacher (config order): None, or, for one whose per-teacher block sets follow_stages, the
+    interpolation of its position tables: its format's own (the one conversion records), timm's run-time
+    resize for a teacher of no format (random, demo)."""
+    from dmt_jax import formats
+    from dmt_jax.models import resize
+
+    blocks = config.agglomerative.per_teacher
+    out = []
+    for name, teacher in zip(teacher_names(config), teachers, strict=True):
+        spec = teacher.spec
+        if not config_entry(blocks, name, BLOCK_FIELDS).follow_stages:
+            out.append(None)
+            continue
+        out.append(formats.resize_method(spec.format, spec.config) or resize.DEFAULT_METHOD[spec.family])
+    return out
+
+
+def stage_targets(specs, stack, names, px: int):
+    """The targets at the student's stage px: a teacher following the stages on its grid at px."""
+    grids = dict(zip(names, stack.grids_at(px), strict=True))
+    return tuple(dataclasses.replace(t, grid=(grids[t.name], grids[t.name])) for t in specs)
 
 
 def agglomerative_options(config, steps: int) -> agg.Options:
@@ -561,7 +647,8 @@ def view_size(config, stack) -> int:
     student at its largest stage, or a teacher at its own resolution); each resizes it to its size."""
     if config.objective != "agglomerative":
         return config.img_size
-    return max([config.img_size, *(px for _, px in config.stages), *stack_sizes(stack)])
+    own = [spec.img_size for spec, follow in zip(stack.specs, stack.follow, strict=True) if not follow]
+    return max([config.img_size, *(px for _, px in config.stages), *own])
 
 
 class StagedStep:

@@ -103,6 +103,8 @@ def emulated_bucket(bucket: str = BUCKET, stock: bool = False):
     emulator = StockEmulator(bucket) if stock else EmulatorProcess(bucket)
     saved = {k: os.environ.get(k) for k in (storage.EMULATOR_VARIABLE, *_DERIVED)}
     os.environ[storage.EMULATOR_VARIABLE] = emulator.url
+    for k in _DERIVED:  # derived from an earlier emulator (configure_emulator keeps values it finds)
+        os.environ.pop(k, None)
     storage.configure_emulator()
     _epath_backend_changed()
     try:

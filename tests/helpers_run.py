@@ -175,10 +175,24 @@ class Run:
             rc = self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+            self._drain()
             raise AssertionError(f"run did not end within {timeout}s:\n{self.output}") from None
-        while (line := self._queue.get(timeout=30)) is not None:
-            self.lines.append(line)
+        self._drain()
         return rc
+
+    def kill(self):
+        """Ends the run now (its lines so far stay in `output`)."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._drain()
+
+    def _drain(self):
+        try:
+            while (line := self._queue.get(timeout=30)) is not None:
+                self.lines.append(line)
+        except queue.Empty:
+            pass
 
     @property
     def output(self) -> str:

@@ -14,7 +14,8 @@ BATCH = 16
 
 
 def agglomerative_config(**overrides):
-    """Three random teachers on three grids (8x8, 12x12 at 96 px, 4x4), every option on."""
+    """Three random teachers on three grids (8x8, 12x12 at 96 px, 4x4 following the student's stages:
+    6x6 at 48 px), every option on."""
     c = base_config()
     c.img_size = 32
     c.student.variant = "mu/4"
@@ -25,7 +26,9 @@ def agglomerative_config(**overrides):
     c.agglomerative.per_teacher = {
         "dino": teacher_options(norm="phi_s", summary_weight=0.5),
         "sam": teacher_options(norm="standardize", summary_head="none", dense_weight=2.0),
-        "clip": teacher_options(summary_head="mlp_v1", dense_head="ln_linear", summary_norm="standardize"),
+        "clip": teacher_options(
+            summary_head="mlp_v1", dense_head="ln_linear", summary_norm="standardize", follow_stages=True
+        ),
     }
     c.agglomerative.teacher_drop = 0.5
     c.agglomerative.phi_s_steps = 4
@@ -114,6 +117,10 @@ def test_resume_across_a_stage_boundary_is_bit_exact(tmp_path):
     mesh = parallel.make_mesh(4, 2)
     setup = train.build(config, mesh)
     assert isinstance(setup.step, train.StagedStep) and setup.view_size == 96
+    # clip (/8, converted at 32 px) follows the student: 4x4 at 32 px, 6x6 at 48 px; the others keep theirs.
+    assert [setup.stack.grids_at(px) for px in (32, 48)] == [[8, 12, 4], [8, 12, 6]]
+    stage = train.stage_targets(setup.targets, setup.stack, train.teacher_names(config), 48)
+    assert {t.name: t.grid for t in stage} == {"dino": (8, 8), "sam": (12, 12), "clip": (6, 6)}
     data = batches(6, setup.view_size)
     reference, ref_metrics = run(setup, setup.init_state(jax.random.PRNGKey(0)), data, mesh)
     reference = jax.device_get(reference)

@@ -27,13 +27,21 @@ def silent_host():
         server.close()
 
 
+def point_at(monkeypatch, host: str):
+    """STORAGE_EMULATOR_HOST=host and what configure_emulator derives, all undone after the test (the
+    derived variables too: a later test's emulator must not inherit this host)."""
+    monkeypatch.setenv(storage.EMULATOR_VARIABLE, host)
+    for name in ("TENSORSTORE_GCS_HTTP_URL", "GOOGLE_AUTH_TOKEN_FOR_TESTING", "EPATH_USE_TF",
+                 "FSSPEC_GS_USE_LISTINGS_CACHE"):  # fmt: skip
+        monkeypatch.setenv(name, "")  # remembers the value before (or its absence) for the undo
+        monkeypatch.delenv(name)
+    storage.configure_emulator()
+
+
 @pytest.fixture
 def no_answer(monkeypatch):
     with silent_host() as host:
-        monkeypatch.setenv(storage.EMULATOR_VARIABLE, host)
-        for name in ("TENSORSTORE_GCS_HTTP_URL", "GOOGLE_AUTH_TOKEN_FOR_TESTING", "EPATH_USE_TF"):
-            monkeypatch.delenv(name, raising=False)
-        storage.configure_emulator()
+        point_at(monkeypatch, host)
         from etils.epath import gpath
 
         gpath._is_tf_installed.cache_clear()  # epath decides its gs:// backend once per process
@@ -57,8 +65,7 @@ def test_buckets_that_do_not_answer_are_named_within_the_bound(no_answer):
 
 
 def test_a_refused_connection_is_named_with_the_clients_error(monkeypatch):
-    monkeypatch.setenv(storage.EMULATOR_VARIABLE, f"http://localhost:{free_port()}")  # nobody listens
-    storage.configure_emulator()
+    point_at(monkeypatch, f"http://localhost:{free_port()}")  # nobody listens
     from etils.epath import gpath
 
     gpath._is_tf_installed.cache_clear()

@@ -26,7 +26,7 @@ def rehearse(*args: str, timeout: float = 300):
 
 
 def test_pod_on_localhost_matches_one_process_and_resumes_after_sigterm():
-    rows, out = rehearse("--parts", "pod,resume", "--steps", "4", timeout=600)
+    rows, out = rehearse("--parts", "pod,resume", "--steps", "4", "--timeout", "420", timeout=1500)
     pod, resume = rows["pod"], rows["resume"]
     # Its results only: no emulator tracebacks around them (once 5,996 lines, 217 BrokenPipe tracebacks).
     said = (out.stdout + out.stderr).splitlines()

@@ -42,6 +42,8 @@ def load_pretrained(source: str) -> Pretrained:
     path = storage.path(source, "--config.init")  # the form every reader of the init uses
     if (path / "spec.json").exists():
         teacher = load_teacher(path)
+        if problem := not_a_plain_vit(teacher.spec):
+            raise UserError(f"--config.init={source}: {problem}")
         spec, state = teacher.spec, formats.flax_to_timm(flatten_params(teacher.params))
         arch = formats.infer_architecture(state)
         return Pretrained(
@@ -61,6 +63,30 @@ def load_pretrained(source: str) -> Pretrained:
     raise UserError(
         f"--config.init={source!r} is neither a distillation workdir (with checkpoints/), a "
         "student_timm.safetensors nor a converted teacher directory (with spec.json)"
+    )
+
+
+# What a fine-tuning builds is timm's plain ViT (Classifier's encoder). A teacher whose architecture differs
+# (CLIP's ln_pre, QuickGELU, bias-free patch projection and eps 1e-5; SigLIP's missing CLS token and tanh
+# GELU; EVA-02; SAM) would be built without its differences and run wrong: refused, never dropped.
+PLAIN_VIT = dict(class_token=True, pre_norm=False, patch_bias=True, act="gelu", ln_eps=1e-6)
+
+
+def not_a_plain_vit(spec) -> str:
+    """'' for a teacher fine-tuning rebuilds exactly (MAE, MoCo v3, DINO, iBOT, DINOv2); else why not."""
+    if spec.family == "vit":
+        differs = [
+            f"{k}={getattr(spec.config, k)!r}" for k, v in PLAIN_VIT.items() if getattr(spec.config, k) != v
+        ]
+        if not differs:
+            return ""  # a projection or MAP head only feeds its summary: fine-tuning reads its tokens
+        what = f"a ViT with {', '.join(differs)}"
+    else:
+        what = f"a{'n' if spec.family[0] in 'aeiou' else ''} {spec.family} model"
+    return (
+        f"its teacher ({spec.format}) is {what}, not the plain timm ViT fine-tuning builds (it would run "
+        "without those differences): fine-tune from a distilled student, an MAE, MoCo v3, DINO, iBOT or "
+        "DINOv2 teacher, or from random init (--config.init=)"
     )
 
 

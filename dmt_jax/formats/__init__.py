@@ -75,6 +75,14 @@ def detect(ckpt: Mapping) -> str:
 detect_format = detect  # the name before formats/ was a package
 
 
+def resize_method(name: str, config) -> str | None:
+    """The interpolation format `name` resizes a `config` teacher's position tables with (the name
+    spec.json's pos_embed_resize records after a resize), without resizing; None for a name that is
+    no format (random and demo teachers) or a format that cannot be resized."""
+    fmt = FORMATS.get(name)
+    return fmt.resize.method(config) if fmt is not None and fmt.resize is not None else None
+
+
 __all__ = [
     "CONV",
     "COPY",
@@ -101,6 +109,7 @@ __all__ = [
     "get",
     "infer_architecture",
     "name_list",
+    "resize_method",
     "resize_pos_embed",
     "timm_to_flax",
 ]

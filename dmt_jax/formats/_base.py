@@ -52,7 +52,9 @@ class CheckpointFormat:
         unexpected or misshapen.
     to_flax(sd, config): {Flax path: array}, arrays rearranged (the family's name table).
     resize(sd, config, img_size): (sd, config, method) with the position tables resized by the
-        repository's own interpolation; None where the family cannot be resized.
+        repository's own interpolation; None where the family cannot be resized. `resize.method(config)`
+        names that interpolation without resizing (formats.resize_method; models/resize.py does it in
+        JAX for a teacher that follows the student's resolution stages).
     mean, std: the normalization the weights were trained with; input_resize: how images are brought
         to img_size (one of teachers.INPUT_RESIZE); inputs_for(config) overrides them per config.
     """

@@ -131,6 +131,9 @@ def resize(sd: dict, config: EvaConfig, img_size: int) -> tuple[dict, EvaConfig,
     return sd, dataclasses.replace(config, img_size=img_size), RESIZE_METHOD
 
 
+resize.method = lambda config: RESIZE_METHOD  # formats.resize_method
+
+
 FORMAT = CheckpointFormat(
     name="eva02",
     repo="baaivision/EVA",

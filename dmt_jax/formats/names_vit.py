@@ -193,4 +193,5 @@ def pos_embed_resizer(method: Callable[[ViTConfig], str]):
         )
         return state_dict, dataclasses.replace(config, img_size=img_size), chosen
 
+    resize.method = method  # the interpolation's name without resizing (formats.resize_method)
     return resize

@@ -56,6 +56,9 @@ def resize(state_dict: dict, config: SamConfig, img_size: int) -> tuple[dict, Sa
     return sd, dataclasses.replace(config, img_size=img_size), RESIZE_METHOD
 
 
+resize.method = lambda config: RESIZE_METHOD  # formats.resize_method
+
+
 FORMAT = CheckpointFormat(
     name="sam",
     repo="facebookresearch/segment-anything",

@@ -216,6 +216,7 @@ def _batch(parts: dict) -> int:
     return next(v.shape[0] for one in parts.values() for v in one.values())
 
 
-def stack_features(stack, names, params, pixels) -> dict[str, Features]:
-    """The teachers' Features (TeacherStack.features: each at its own resolution and input rule), by name."""
-    return dict(zip(names, stack.features(params, pixels), strict=True))
+def stack_features(stack, names, params, pixels, px: int | None = None) -> dict[str, Features]:
+    """The teachers' Features (TeacherStack.features: each at its own resolution and input rule, or at the
+    student's px for one that follows the stages), by name."""
+    return dict(zip(names, stack.features(params, pixels, px), strict=True))
