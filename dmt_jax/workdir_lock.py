@@ -102,9 +102,13 @@ def _refusal(workdir, holder: dict, where, how: str = "") -> WorkdirLocked:
     who = (
         f"host {holder.get('host', '?')}, pid {holder.get('pid', '?')}, started {holder.get('started', '?')}"
     )
+    # A lock object rewritten by something that is not a run (its content unreadable) yet kept current:
+    # say how to remove it, for the case that no run of ours uses the workdir.
+    unreadable = "://" in str(where) and "host" not in holder
+    rm = f"; if no run uses it, remove the lock: gcloud storage rm {where}" if unreadable else ""
     return WorkdirLocked(
         f"workdir {workdir} is in use by another run ({who}{how}; lock {where}): wait for it to finish, "
-        "stop it, or choose another --workdir"
+        f"stop it, or choose another --workdir{rm}"
     )
 
 

@@ -64,6 +64,24 @@ def test_buckets_that_do_not_answer_are_named_within_the_bound(no_answer):
         assert f"check that a GCS emulator answers at STORAGE_EMULATOR_HOST={no_answer}" in line
 
 
+def test_a_fine_tuning_names_a_silent_bucket_of_its_init_in_one_line(no_answer, monkeypatch, tmp_path):
+    import runpy
+
+    from dmt_jax.finetune import cli
+    from tests.helpers_run import REPO
+
+    monkeypatch.setattr(storage, "REACH_TIMEOUT_S", 3.0)
+    config = runpy.run_path(str(REPO / "configs" / "finetune_demo.py"))["get_config"]()
+    config.init = "gs://students-bucket/run"
+    config.data.demo_root = str(tmp_path / "demo")
+    start = time.monotonic()
+    with pytest.raises(UserError) as raised:
+        cli.check_run(config, str(tmp_path / "ft"))
+    assert time.monotonic() - start < 10
+    (line,) = [p for p in raised.value.problems if "students-bucket" in p]
+    assert line.startswith("bucket students-bucket (--config.init=gs://students-bucket/run) did not answer")
+
+
 def test_a_refused_connection_is_named_with_the_clients_error(monkeypatch):
     point_at(monkeypatch, f"http://localhost:{free_port()}")  # nobody listens
     from etils.epath import gpath

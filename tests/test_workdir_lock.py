@@ -86,6 +86,21 @@ def test_bucket_lock_of_another_host_is_watched_then_refused_or_taken(bucket, fa
     # Unreadable content (a torn or foreign object) is watched the same way, never trusted or fatal.
     _plant(url, b"\x00 not a holder")
     WorkdirLock(f"{bucket}/watched").acquire().release()
+    # Unreadable content that something keeps rewriting: refused, with how to remove it.
+    generation, stop = _plant(url, b"\x00 not a holder"), threading.Event()
+
+    def rewriting(generation=generation):
+        while not stop.wait(0.3):
+            generation = _plant(url, b"\x00 not a holder", generation)
+
+    beating = threading.Thread(target=rewriting)
+    beating.start()
+    try:
+        with pytest.raises(WorkdirLocked, match=f"remove the lock: gcloud storage rm {url}$"):
+            WorkdirLock(f"{bucket}/watched").acquire()
+    finally:
+        stop.set()
+        beating.join()
 
 
 def test_a_holder_that_lost_its_lock_says_so(bucket, fast_heartbeats, capsys):

@@ -14,9 +14,10 @@ _REPO_CONFIG = os.path.join(_REPO, "configs")
 
 def check_run(config, workdir: str) -> None:
     """The validation pass of a fine-tuning (validate.py's checks that apply), before anything is built:
-    every field in its range and the fields against each other, the devices, the training and validation
-    data, the init (it exists and is not the workdir itself), the workdir. What needs the files read (the
-    init's tensors, the data's classes) is checked when they are read, before anything is written."""
+    every field in its range and the fields against each other, the devices, the buckets it names (each
+    answers within a bound), the training and validation data, the init (it exists and is not the workdir
+    itself), the workdir. What needs the files read (the init's tensors, the data's classes) is checked
+    when they are read, before anything is written."""
     from dmt_jax import config as config_lib
     from dmt_jax import validate
 
@@ -26,6 +27,9 @@ def check_run(config, workdir: str) -> None:
     if not any(p.startswith("--config.distributed.") for p in problems):
         parallel.initialize_distributed(config.distributed)
         problems += validate.device_problems(config)
+    fields = ("init", "data.tfds_data_dir")
+    if unreachable := validate.bucket_problems(config, workdir, fields=fields):
+        raise UserError(*problems, *unreachable)  # the checks of files there would wait on it too
     problems += data.dataset_problems(config.data, ("train", "knn_eval"))
     init = _init_path(config.init)
     if config.init and init == _init_path(workdir):
