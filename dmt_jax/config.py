@@ -283,7 +283,9 @@ BASE_SCHEMA = {
     "teachers": Field(
         ("",),
         "teacher directories (dmt-convert), or 'random:VARIANT@PX:SEED' / "
-        "'demo:VARIANT@PX:SEED' for small in-process teachers",
+        "'demo:VARIANT@PX:SEED' for small in-process teachers (a ViT; 'demo:FAMILY:VARIANT@PX:SEED' "
+        "with FAMILY clip, siglip, eva or sam for one of that family, e.g. 'demo:clip:mu/4@32:1'); "
+        "agglomerative: NAME=ENTRY",
         strings,
     ),
     "teacher_weights": Field((), "loss weight per teacher (normalized to sum 1); (): equal weights", weights),

@@ -508,3 +508,114 @@ def make_token_fn(setup):
         return jnp.stack(cka), patches
 
     return tokens_and_cka
+
+
+# ---------------------------------------------------------------- the agglomerative student, per teacher
+
+
+def make_agglomerative_fns(setup):
+    """Jitted functions evaluating an agglomerative student (setup.targets) against each teacher, by name.
+    Every function takes the views at setup.view_size (0..255 pixels); the student sees them at its
+    img_size and each teacher at its own size, as in training.
+
+    - student(params, pixels) -> per teacher with a summary target (agg.summary_teachers order), the
+      student encoder's summary token for it [B, D]: what k-NN and the probe read.
+    - agreement(params, stats, teacher_params, pixels) -> [summary [B, K], dense [B, K]]: per image and
+      teacher the cosine of the student's summary head with the teacher's summary target (NaN where
+      the teacher has none) and the mean cosine over patches of its dense head with the teacher's dense
+      targets, compared where training compares them (on the teacher's grid with resample
+      'student_to_teacher'; targets normalized as in training, with the statistics in `stats`).
+    - teachers(teacher_params, pixels) -> per teacher its summary [B, S], or its mean patch token for a
+      family without one (SAM): what the teachers' k-NN and probe read.
+    - tokens(params, stats, teacher_params, pixels, valid, picked) -> (cka [K, 2], pictures): per
+      teacher the linear CKA with its dense targets of the student encoder's patch tokens, and of the
+      student's adapted features (its dense head), where training compares them (on the teacher's grid
+      with resample 'student_to_teacher'), over the valid images' patches (NaN for a teacher without
+      dense target); and for the `picked` images, per teacher its patch tokens, then the student's
+      adapted features on its grid, and last the student encoder's patch tokens.
+    """
+    from dmt_jax import train
+    from dmt_jax.objective import agglomerative as agg
+    from dmt_jax.objective import align, losses
+
+    cfg, stack, student, specs = setup.config, setup.stack, setup.student, setup.targets
+    dtype = jnp.dtype(cfg.dtype)
+    names = train.teacher_names(cfg)
+    grid = cfg.img_size // student.encoder.patch_size
+    options = train.agglomerative_options(cfg, setup.steps)
+    slots = agg.summary_teachers(specs)
+
+    def images_of(pixels):
+        pixels = train.resize_view(pixels, cfg.img_size)
+        return objective.normalize_pixels(pixels, objective.IMAGENET_MEAN, objective.IMAGENET_STD, dtype)
+
+    def encoder_tokens(params, pixels):
+        tokens = student.encoder.apply({"params": params["encoder"]}, images_of(pixels))
+        return tokens.astype(jnp.float32), student.encoder.num_prefix_tokens
+
+    @jax.jit
+    def student_summaries(params, pixels):
+        tokens, _ = encoder_tokens(params, pixels)
+        return [tokens[:, slot] for slot in range(len(slots))]
+
+    @jax.jit
+    def agreement(params, stats, teacher_params, pixels):
+        features = agg.stack_features(stack, names, teacher_params, pixels)
+        targets, _ = agg.make_targets(
+            specs, features, stats, options, student_grid=(grid, grid), update=False
+        )
+        preds = student.apply({"params": params}, images_of(pixels))
+        summary, dense = [], []
+        for t in specs:
+            p, y = preds[t.name], targets[t.name]
+            nan = jnp.full((pixels.shape[0],), jnp.nan, jnp.float32)
+            summary.append(1.0 - losses.cosine_distance(p["summary"], y["summary"]) if t.summary_dim else nan)
+            if t.dense_dim:
+                d = p["dense"]
+                if options.resample == "student_to_teacher":
+                    d = align.resample(d, grid, t.grid)
+                dense.append(1.0 - losses.cosine_distance(d, y["dense"]).mean(-1))
+            else:
+                dense.append(nan)
+        return [jnp.stack(summary, axis=1), jnp.stack(dense, axis=1)]
+
+    @jax.jit
+    def teacher_summaries(teacher_params, pixels):
+        features = agg.stack_features(stack, names, teacher_params, pixels)
+        pooled = [f.summary if t.summary_dim else f.patches.mean(1) for t in specs if (f := features[t.name])]
+        return [p.astype(jnp.float32) for p in pooled]
+
+    @jax.jit
+    def tokens_and_cka(params, stats, teacher_params, pixels, valid, picked):
+        features = agg.stack_features(stack, names, teacher_params, pixels)
+        targets, _ = agg.make_targets(
+            specs, features, stats, options, student_grid=(grid, grid), update=False
+        )
+        tokens, prefix = encoder_tokens(params, pixels)
+        patches = tokens[:, prefix:]
+        preds = student.apply({"params": params}, images_of(pixels))
+        on_teacher_grid = options.resample == "student_to_teacher"
+        flat = lambda x: x.reshape(-1, x.shape[-1])  # noqa: E731
+        cka, columns = [], []
+        for t in specs:
+            columns.append(features[t.name].patches[picked].astype(jnp.float32))
+            if not t.dense_dim:
+                cka.append(jnp.full((2,), jnp.nan, jnp.float32))
+                continue
+            theirs = targets[t.name]["dense"]
+            rows = jnp.repeat(valid.astype(jnp.float32), theirs.shape[1])
+            mine = align.resample(patches, grid, t.grid) if on_teacher_grid else patches
+            adapted = preds[t.name]["dense"].astype(jnp.float32)
+            adapted = align.resample(adapted, grid, t.grid) if on_teacher_grid else adapted
+            cka.append(jnp.stack([linear_cka(flat(mine), flat(theirs), rows),
+                                  linear_cka(flat(adapted), flat(theirs), rows)]))  # fmt: skip
+            columns.append(align.resample(preds[t.name]["dense"], grid, t.grid)[picked].astype(jnp.float32))
+        return jnp.stack(cka), [*columns, patches[picked]]
+
+    return dict(
+        student=student_summaries,
+        agreement=agreement,
+        teachers=teacher_summaries,
+        tokens=tokens_and_cka,
+        summary_names=slots,
+    )

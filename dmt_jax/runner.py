@@ -171,12 +171,13 @@ class StepProgress:
         return out
 
 
-def eval_batches(cfg, cache: dict, role: str):
-    """One evaluation pass over a split role ('knn_train', 'knn_eval'); its source is made once, in cache.
+def eval_batches(cfg, cache: dict, role: str, img_size: int = 0):
+    """One evaluation pass over a split role ('knn_train', 'knn_eval') at img_size (0: the student's;
+    an agglomerative run's views are its training views' size); its source is made once, in cache.
     A stop request ends it between two batches (Stoppable)."""
     if role not in cache:
         cache[role] = data.make_source(cfg.data, role)
-    return Stoppable(_eval_input(cfg, cache[role]))
+    return Stoppable(_eval_input(cfg, cache[role], img_size or cfg.img_size))
 
 
 class Stoppable:
@@ -197,12 +198,12 @@ class Stoppable:
             yield batch
 
 
-def _eval_input(cfg, source):
+def _eval_input(cfg, source, img_size: int):
     return data.make_eval_input(
         cfg.data,
         source,
         global_batch=evaluate.eval_batch_size(cfg.eval_batch_size, jax.device_count()),
-        img_size=cfg.img_size,
+        img_size=img_size,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )

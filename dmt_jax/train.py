@@ -55,8 +55,8 @@ def build_teachers(
     entries, img_size: int, student_patch: int, data_config=None, same_grid: bool = True
 ) -> list:
     """Teacher entries -> Teachers: converted directories, 'random:VARIANT@PX:SEED' (random weights),
-    or 'demo:VARIANT@PX:SEED' (trained in process on the demo dataset; see demo_teachers.py), each
-    optionally named, NAME=ENTRY.
+    or 'demo:VARIANT@PX:SEED' (trained in process on the demo dataset; see demo_teachers.py), a family
+    after the kind for other architectures ('demo:clip:mu/4@32:1'), each optionally named, NAME=ENTRY.
 
     With same_grid (DMT), each teacher must produce the student's patch grid; a /14 teacher is
     converted for 196 px (`dmt-convert --img-size 196`) when the student is /16 at 224 px.
@@ -68,8 +68,15 @@ def build_teachers(
     teachers = []
     for entry in entries:
         if generated := parse_teacher_entry(entry):
-            kind, variant, px, seed = generated
-            if kind == "random":
+            kind, family, variant, px, seed = generated
+            if family != "vit":  # a small teacher of another family (demo_teachers.family_spec)
+                from dmt_jax import demo_teachers
+
+                if kind == "random":
+                    teacher = demo_teachers.random_family_teacher(family, variant, px, seed)
+                else:
+                    teacher = demo_teachers.demo_family_teacher(family, variant, px, seed, data_config)
+            elif kind == "random":
                 teacher = make_random_teacher(variant, px, seed)
             else:
                 from dmt_jax.demo_teachers import demo_teacher
@@ -98,14 +105,20 @@ def _is_count(path) -> bool:
     return bool(path) and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "count"
 
 
-def parse_teacher_entry(entry: str) -> tuple[str, str, int, int] | None:
-    """'random:VARIANT@PX:SEED' / 'demo:...' -> (kind, variant, px, seed); None for a directory."""
+def parse_teacher_entry(entry: str) -> tuple[str, str, str, int, int] | None:
+    """'random:VARIANT@PX:SEED' / 'demo:...' -> (kind, family, variant, px, seed), family 'vit'; with a
+    family, 'demo:FAMILY:VARIANT@PX:SEED' (FAMILY: clip, siglip, eva, sam); None for a directory."""
     if not entry.startswith(("random:", "demo:")):
         return None
-    m = re.fullmatch(r"(random|demo):([^@]+)@(\d+):(\d+)", entry)
-    if not m:
-        raise UserError(f"teacher entry {entry!r}: write 'random:VARIANT@PX:SEED' or 'demo:VARIANT@PX:SEED'")
-    return m.group(1), m.group(2), int(m.group(3)), int(m.group(4))
+    from dmt_jax.demo_teachers import DEMO_FAMILIES
+
+    m = re.fullmatch(r"(random|demo):(?:([a-z]+):)?([^@:]+)@(\d+):(\d+)", entry)
+    if not m or (m.group(2) is not None and m.group(2) not in DEMO_FAMILIES):
+        raise UserError(
+            f"teacher entry {entry!r}: write 'random:VARIANT@PX:SEED' or 'demo:VARIANT@PX:SEED' (a ViT), or "
+            f"'demo:FAMILY:VARIANT@PX:SEED' with FAMILY one of {', '.join(DEMO_FAMILIES)}"
+        )
+    return m.group(1), m.group(2) or "vit", m.group(3), int(m.group(4)), int(m.group(5))
 
 
 def student_encoder(config, num_reg_tokens: int) -> ViT:

@@ -136,7 +136,7 @@ def teacher_problems(config) -> list[str]:
         if generated is None:  # a converted directory
             problems += teachers.check_teacher_dir(entry, grid=grid)
             continue
-        _, variant, px, _ = generated
+        _, _, variant, px, _ = generated
         if why := config_lib.vit_variant(variant):
             problems.append(f"teacher {entry!r}: the variant {why}")
         elif grid is not None:
