@@ -68,11 +68,24 @@ TEACHER_SHAPES = {
 
 def abstract_teacher(entry: str, sam_px: int | None) -> Teacher:
     """A Teacher of the entry's shapes whose params are ShapeDtypeStructs (float32, as converted): a
-    directory the recipes name (TEACHER_SHAPES), or 'random:VARIANT@PX:SEED'."""
+    directory the recipes name (TEACHER_SHAPES), or 'random:[FAMILY:]VARIANT@PX:SEED'."""
     if generated := train.parse_teacher_entry(entry):
-        _, variant, px, _ = generated
-        config = ViT.from_variant(variant, img_size=px).config
-        fmt, family, mean, std, resize = "random", "vit", IMAGENET_MEAN, IMAGENET_STD, "bilinear"
+        _, family, variant, px, _ = generated
+        if family == "vit":
+            config = ViT.from_variant(variant, img_size=px).config
+            fmt, mean, std, resize = "random", IMAGENET_MEAN, IMAGENET_STD, "bilinear"
+        else:  # 'random:FAMILY:VARIANT@PX:SEED': a small teacher of that family (demo_teachers)
+            from dmt_jax import demo_teachers
+
+            s = demo_teachers.family_spec(family, variant, px)
+            fmt, family, config, mean, std, resize = (
+                s.format,
+                s.family,
+                s.config,
+                s.mean,
+                s.std,
+                s.input_resize,
+            )
     else:
         fmt, family, config, mean, std, resize = TEACHER_SHAPES[Path(entry).name]
     if family == "sam" and sam_px:

@@ -48,7 +48,7 @@ def test_recipe_memory_counts_the_step_it_compiles(tmp_path):
         "def get_config():\n"
         "    c = base_config()\n"
         "    c.objective, c.student.variant, c.img_size, c.mask_ratio = 'agglomerative', 'mu/4', 32, 0.0\n"
-        "    c.teachers = ('a=random:mu/4@32:0', 'b=random:mu/8@64:1')\n"
+        "    c.teachers = ('a=random:mu/4@32:0', 'b=random:mu/8@64:1', 'c=random:sam:mu/8@64:2')\n"
         "    c.stages = ((0, 24), (5, 32))\n"
         "    c.total_steps = 10\n"
         "    return c\n"
