@@ -201,6 +201,8 @@ def _recipe_problem(path: str, args: tuple[str, ...] = ()) -> str:
         where = f" (line {e.lineno})" if e.lineno else ""
         return f"config file {path} is not Python: {e.msg}{where}: give a recipe like configs/demo.py"
     except (Exception, SystemExit) as e:
+        if isinstance(e, ValueError) and "null bytes" in str(e):  # Python < 3.11.4: not a SyntaxError
+            return f"config file {path} is not Python: {e}: give a recipe like configs/demo.py"
         return f"config file {path} raised {first_line(e)} while loading: fix the recipe"
     if not callable(get_config := recipe.get("get_config")):
         return (

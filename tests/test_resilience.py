@@ -299,7 +299,7 @@ def test_sigterm_during_an_evaluation_checkpoints_at_once(tmp_path, monkeypatch,
             yield batch
 
     real_eval_input, evaluating = runner._eval_input, threading.Event()
-    monkeypatch.setattr(runner, "_eval_input", lambda cfg, source: list(slow(real_eval_input(cfg, source))))
+    monkeypatch.setattr(runner, "_eval_input", lambda *args: list(slow(real_eval_input(*args))))
     fields = dict(total_steps=8, eval_every=4, export_at_end=True, eval_batch_size=8)
     workdir, demo = tmp_path / "run", tmp_path / "demo"
     sent = _sigterm_when(evaluating.is_set)
