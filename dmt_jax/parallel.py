@@ -20,6 +20,18 @@ from dmt_jax.errors import UserError
 BATCH_AXES = ("data", "fsdp")
 
 
+def preemption_service_running() -> bool:
+    """jax.distributed's preemption service is on: it owns SIGTERM, through a handler installed in C++
+    that Python's signal module does not see (signal.signal reports SIG_DFL as the handler it replaces,
+    so code that "restores" it leaves SIGTERM fatal): leave SIGTERM alone while it runs."""
+    try:
+        from jax._src import distributed
+
+        return distributed.global_state.preemption_sync_manager is not None
+    except (ImportError, AttributeError):
+        return False
+
+
 def initialize_distributed(cfg) -> str:
     """Joins this process to a multi-process run (jax.distributed.initialize); returns how, or ''.
 

@@ -21,7 +21,18 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from dmt_jax import checkpoint, data, errors, evaluate, flops, run_record, storage, summary, workdir_lock
+from dmt_jax import (
+    checkpoint,
+    data,
+    errors,
+    evaluate,
+    flops,
+    parallel,
+    run_record,
+    storage,
+    summary,
+    workdir_lock,
+)
 
 
 class StopRequested(Exception):
@@ -47,7 +58,7 @@ class Preemption:
 
     def __init__(self, agree_every: int):
         self.multi = jax.process_count() > 1
-        self.jax_service = self.multi and _preemption_service_running()
+        self.jax_service = self.multi and parallel.preemption_service_running()
         self.agree_every = max(1, agree_every)
         self.requested = False
         self._previous = {}
@@ -90,15 +101,6 @@ class Preemption:
             signal.signal(sig, handler)
         if Preemption.active is self:
             Preemption.active = None
-
-
-def _preemption_service_running() -> bool:
-    try:
-        from jax._src import distributed
-
-        return distributed.global_state.preemption_sync_manager is not None
-    except (ImportError, AttributeError):
-        return False
 
 
 # The key JAX's preemption service sets in the coordination service when any process got SIGTERM (TSL's

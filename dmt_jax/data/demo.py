@@ -200,7 +200,11 @@ def _removed_when_stopped(tmp: Path):
     def stop(signum, frame):
         raise _Stopped(signum)
 
-    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    from dmt_jax import parallel
+
+    # Under jax.distributed's preemption service SIGTERM is its (the run then stops at an agreed step).
+    caught = (signal.SIGINT,) if parallel.preemption_service_running() else (signal.SIGTERM, signal.SIGINT)
+    previous = {sig: signal.signal(sig, stop) for sig in caught}
     try:
         yield
     except _Stopped as e:
