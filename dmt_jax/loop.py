@@ -189,27 +189,38 @@ class _Evaluations:
         cka, patches = self._tokens(state)
         out.update({f"cka/teacher_{k}": float(v) for k, v in enumerate(cka)})
         say(f"eval at step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(out.items())))
+        self._record(step, out, patches, pictures.column_titles(len(patches) - 1))
+        return out
+
+    def _record(self, step: int, out: dict, patches, titles: list[str]):
+        """The PCA pictures (PNG and TensorBoard), the scalars, and eval.jsonl's line of this evaluation."""
         if len(self.sample["pixels"]) and jax.process_index() == 0:
-            titles = pictures.column_titles(len(patches) - 1)
             grid = pictures.pca_grid(self.sample["pixels"], patches, titles)
             pictures.save_png(grid, os.path.join(self.workdir, "pictures", f"step_{step}.png"))
             self.writer.write_images(step, {"pca_feature_maps": grid[None]})
         self.writer.write_scalars(step, out)
         if jax.process_index() == 0:
             storage.append_line(self.path, json.dumps({"step": step, **out}))
-        return out
 
-    def _tokens(self, state):
-        """CKA per teacher on the first evaluation batch, and the patch tokens of its picture images."""
-        cfg = self.setup.config
-        if self.sample is None:  # the same images at every evaluation
-            first = next(iter(eval_batches(cfg, self.cache, "knn_eval")))
+    def _batches(self, role: str):
+        """An evaluation pass over a split role at the student's size."""
+        return eval_batches(self.setup.config, self.cache, role)
+
+    def _picture_sample(self) -> dict:
+        """The first evaluation batch (for CKA) and the images of its pictures: the same at every
+        evaluation, chosen at the first."""
+        if self.sample is None:
+            first = next(iter(self._batches("knn_eval")))
             batch = parallel.global_batch({k: first[k] for k in ("image", "label", "valid")}, self.setup.mesh)
             pixels, labels, valid = parallel.to_host((batch["image"], batch["label"], batch["valid"]))
             rows = np.flatnonzero(valid)
-            picked = rows[pictures.pick_images(labels[rows], cfg.pca_pictures)]
+            picked = rows[pictures.pick_images(labels[rows], self.setup.config.pca_pictures)]
             self.sample = dict(batch, picked=picked, pixels=pixels[picked])
-        s = self.sample
+        return self.sample
+
+    def _tokens(self, state):
+        """CKA per teacher on the first evaluation batch, and the patch tokens of its picture images."""
+        s = self._picture_sample()
         args = (state.params, self.setup.teacher_params, s["image"], s["valid"], s["picked"])
         return parallel.to_host(self.token_fn(*args))
 
@@ -245,16 +256,10 @@ class _AgglomerativeEvaluations(_Evaluations):
         say("\n".join(agglomerative_table(out, self.names, step)))
         if step == self.setup.steps and (first := self._first_evaluation()) and first["step"] < step:
             say("\n".join(agglomerative_before_after(first, out, self.names, step)))
-        if len(self.sample["pixels"]) and jax.process_index() == 0:
-            titles = ["input"]
-            for t in self.setup.targets:
-                titles += [t.name, f"S>{t.name}"] if t.dense_dim else [t.name]
-            grid = pictures.pca_grid(self.sample["pixels"], patches, [*titles, "student"])
-            pictures.save_png(grid, os.path.join(self.workdir, "pictures", f"step_{step}.png"))
-            self.writer.write_images(step, {"pca_feature_maps": grid[None]})
-        self.writer.write_scalars(step, out)
-        if jax.process_index() == 0:
-            storage.append_line(self.path, json.dumps({"step": step, **out}))
+        titles = ["input"]
+        for t in self.setup.targets:
+            titles += [t.name, f"S>{t.name}"] if t.dense_dim else [t.name]
+        self._record(step, out, patches, [*titles, "student"])
         return out
 
     def _batches(self, role: str):
@@ -310,14 +315,7 @@ class _AgglomerativeEvaluations(_Evaluations):
 
     def _tokens(self, state):
         """CKA per teacher on the first evaluation batch, and the tokens of its pictures' images."""
-        if self.sample is None:  # the same images at every evaluation
-            first = next(iter(self._batches("knn_eval")))
-            batch = parallel.global_batch({k: first[k] for k in ("image", "label", "valid")}, self.setup.mesh)
-            pixels, labels, valid = parallel.to_host((batch["image"], batch["label"], batch["valid"]))
-            rows = np.flatnonzero(valid)
-            picked = rows[pictures.pick_images(labels[rows], self.setup.config.pca_pictures)]
-            self.sample = dict(batch, picked=picked, pixels=pixels[picked])
-        s = self.sample
+        s = self._picture_sample()
         args = (state.params, state.stats, self.setup.teacher_params, s["image"], s["valid"], s["picked"])
         return parallel.to_host(self.fns["tokens"](*args))
 
