@@ -82,15 +82,24 @@ def demo_teacher(variant: str, img_size: int, seed: int, data_config, student_im
 @functools.cache
 def _train_step(model: _Classifier, img_size: int, mean: tuple, std: tuple, steps: int, lr: float):
     """The jitted classifier step and its optimizer, compiled once for teachers of one architecture."""
-    tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, lr, steps // 10, steps), weight_decay=0.05)
 
-    @functools.partial(jax.jit, donate_argnums=(0, 1))
-    def step(params, opt_state, pixels, labels):
+    def prepare(pixels):
         if pixels.shape[1] != img_size:
             pixels = jax.image.resize(
                 pixels.astype(jnp.float32), (pixels.shape[0], img_size, img_size, 3), "bilinear"
             )
-        images = objective.normalize_pixels(pixels, mean, std)
+        return objective.normalize_pixels(pixels, mean, std)
+
+    return _classifier_step(model, prepare, steps, lr)
+
+
+def _classifier_step(model, prepare, steps: int, lr: float):
+    """A demo teacher's jitted AdamW step (cross-entropy on `prepare(pixels)`) and its optimizer."""
+    tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, lr, steps // 10, steps), weight_decay=0.05)
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def step(params, opt_state, pixels, labels):
+        images = prepare(pixels)
 
         def loss_fn(p):
             logits = model.apply({"params": p}, images, train=True)
@@ -240,19 +249,7 @@ def _family_train_step(model: _FamilyClassifier, spec: TeacherSpec, steps: int, 
     """The jitted classifier step of a family's teacher: its input prepared as TeacherStack prepares it."""
     from dmt_jax.teachers import prepare_images
 
-    tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, lr, steps // 10, steps), weight_decay=0.05)
     mean, std = np.asarray(spec.mean, np.float32) * 255.0, np.asarray(spec.std, np.float32) * 255.0
-
-    @functools.partial(jax.jit, donate_argnums=(0, 1))
-    def step(params, opt_state, pixels, labels):
-        images = prepare_images(pixels, spec.img_size, spec.input_resize, mean, std)
-
-        def loss_fn(p):
-            logits = model.apply({"params": p}, images, train=True)
-            return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    return step, tx
+    return _classifier_step(
+        model, lambda pixels: prepare_images(pixels, spec.img_size, spec.input_resize, mean, std), steps, lr
+    )
