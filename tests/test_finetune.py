@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import timm  # before TensorFlow (imported by dmt_jax.finetune): the other order can crash torchvision
 import torch
-from helpers_run import REPO, Run, checkpoint_steps, read_state, trees_equal
+from helpers_run import Run, checkpoint_steps, finetune_args, finetune_config, read_state, trees_equal
 
 from dmt_jax import finetune, formats
 from dmt_jax.config import finetune_base_config
@@ -115,45 +115,10 @@ def test_init_from_a_student_file_and_a_teacher_directory(tmp_path):
 # ---------------------------------------------------------------- exact resume
 
 
-TINY = {
-    "init": "",
-    "total_steps": 16,
-    "batch_size": 16,
-    "checkpoint_every": 4,
-    "log_every": 2,
-    "eval_every": 0,
-    "eval_batch_size": 40,
-    "export_at_end": False,
-    "data.demo_per_class_train": 8,
-    "data.demo_per_class_val": 4,
-}
-
-
-def _args(workdir, demo_root) -> list[str]:
-    fields = dict(TINY, **{"data.demo_root": str(demo_root)})
-    return [f"--config={REPO / 'configs' / 'finetune_demo.py'}", f"--workdir={workdir}"] + [
-        f"--config.{k}={v}" for k, v in fields.items()
-    ]
-
-
-def _config(demo_root, **fields):
-    """The run of _args as a config object, for in-process runs of finetune.finetune (dotted names)."""
-    import runpy
-
-    config = runpy.run_path(str(REPO / "configs" / "finetune_demo.py"))["get_config"]()
-    for dotted, value in dict(TINY, **{"data.demo_root": str(demo_root)}, **fields).items():
-        *parents, leaf = dotted.split(".")
-        node = config
-        for parent in parents:
-            node = node[parent]
-        node[leaf] = value
-    return config
-
-
 def test_finetune_resumes_exactly_after_sigkill(tmp_path):
     demo = tmp_path / "demo"
-    ref = Run(_args(tmp_path / "ref", demo), module="dmt_jax.finetune")
-    killed = Run(_args(tmp_path / "k", demo), module="dmt_jax.finetune")
+    ref = Run(finetune_args(tmp_path / "ref", demo), module="dmt_jax.finetune")
+    killed = Run(finetune_args(tmp_path / "k", demo), module="dmt_jax.finetune")
     killed.wait_for(r"^step 10/")  # the save at 4 has finished (periodic saves are asynchronous)
     killed.send(signal.SIGKILL)
     assert killed.finish() == -signal.SIGKILL
@@ -161,7 +126,7 @@ def test_finetune_resumes_exactly_after_sigkill(tmp_path):
     assert at_kill and at_kill[-1] < 16, at_kill
     assert ref.finish() == 0, ref.output
 
-    resumed = Run(_args(tmp_path / "k", demo), module="dmt_jax.finetune")
+    resumed = Run(finetune_args(tmp_path / "k", demo), module="dmt_jax.finetune")
     assert resumed.finish() == 0, resumed.output
     assert f"resuming from the checkpoint at step {at_kill[-1]}" in resumed.output
     assert trees_equal(read_state(tmp_path / "k"), read_state(tmp_path / "ref"))
@@ -177,7 +142,7 @@ def test_second_finetune_on_a_locked_workdir_is_refused(tmp_path):
 
     workdir = tmp_path / "run"
     with WorkdirLock(workdir):
-        run = Run(_args(workdir, tmp_path / "demo"), devices=1, module="dmt_jax.finetune")
+        run = Run(finetune_args(workdir, tmp_path / "demo"), devices=1, module="dmt_jax.finetune")
         assert run.finish(timeout=240) == 2, run.output
     assert f"error: workdir {workdir} is in use by another run (host" in run.output
     assert sorted(p.name for p in workdir.iterdir()) == [".dmt_lock"]  # nothing written
@@ -193,15 +158,16 @@ def test_resume_with_another_init_is_refused_naming_it(tmp_path, capsys):
     export_timm(make_random_teacher("mu/4", 32, seed=3).params, student)
     workdir, demo = tmp_path / "run", tmp_path / "demo"
     fields = {"total_steps": 2, "checkpoint_every": 2, "log_every": 1}
-    finetune.finetune(_config(demo, **fields), str(workdir))  # from random weights
+    finetune.finetune(finetune_config(demo, **fields), str(workdir))  # from random weights
     written = (workdir / "config.json").read_text()
     changed = f"init: '' -> '{student}'"
     refusal = "refusing to resume the checkpoint at step 2 .*" + re.escape(changed)
     with pytest.raises(UserError, match=refusal):
-        finetune.finetune(_config(demo, init=str(student), **fields), str(workdir))
+        finetune.finetune(finetune_config(demo, init=str(student), **fields), str(workdir))
     assert (workdir / "config.json").read_text() == written  # a refused resume leaves it alone
     capsys.readouterr()
-    finetune.finetune(_config(demo, init=str(student), resume_allow_changes=True, **fields), str(workdir))
+    changed_ok = finetune_config(demo, init=str(student), resume_allow_changes=True, **fields)
+    finetune.finetune(changed_ok, str(workdir))
     assert f"resuming with changed config fields: {changed}" in capsys.readouterr().out
     assert json.loads((workdir / "config.json").read_text())["init"] == str(student)
 
@@ -231,7 +197,7 @@ def test_finetune_stops_with_a_checkpoint_while_waiting_for_input(tmp_path):
     fields = {"data.source": "folder", "data.folder_train": str(bad), "data.folder_eval": str(bad)}
     fields |= {"data.threads": 1, "data.num_parallel": 1, "data.max_unreadable_in_a_row": 300000}
     threading.Thread(target=_sigterm_once_the_loop_listens, daemon=True).start()
-    assert finetune.finetune(_config(tmp_path / "demo", **fields), str(tmp_path / "run")) == {}
+    assert finetune.finetune(finetune_config(tmp_path / "demo", **fields), str(tmp_path / "run")) == {}
     assert checkpoint_steps(tmp_path / "run") == [0]
 
 
